@@ -1,0 +1,278 @@
+"""The `prefalign:` block of an Axolotl YAML: one pydantic model per method.
+
+Axolotl's own schema silently drops unknown keys, so every model here forbids extra
+keys and `PrefAlignConfig.from_raw` turns pydantic's error into one that names the
+bad key and the valid ones. Defaults are the papers' values (shared/design/METHODS.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LossType = Literal["sigmoid", "cdpo", "robust", "ipo", "hinge", "soft", "spa"]
+BadRowPolicy = Literal["error", "skip"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ContrastFields(_Strict):
+    """Column names of a preference row for the contrast format."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    messages: str = "messages"
+    instruction: str = "instruction"
+    system: str = "system"
+
+
+class ContrastConfig(_Strict):
+    """Plaintext contrast SFT with negative-answer masking (METHODS.md §2)."""
+
+    preset: Literal["en", "zh"] = Field(
+        "en", description="Marker words: en (Instruction/Question/...) or zh (指令/...)."
+    )
+    template: dict[str, str] | None = Field(
+        None,
+        description="Custom template parts with named placeholders; overrides the "
+        "preset's parts that it names (keys: instruction, question, negative, "
+        "positive).",
+    )
+    instruction: str | None = Field(
+        None, description="Default instruction text; the preset's when unset."
+    )
+    mode: Literal["raw", "chat"] = Field(
+        "raw", description="raw text, or the model's chat template (user/assistant)."
+    )
+    order: Literal["negative_first", "positive_first"] = "negative_first"
+    positive_only_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of rows rendered with no negative slot (train/inference "
+        "match).",
+    )
+    unlikelihood_weight: float = Field(
+        0.0, ge=0.0, description="Weight of the CUT-style -log(1-p) term on negatives."
+    )
+    seed: int = 42
+    fields: ContrastFields = Field(default_factory=ContrastFields)
+
+
+class SpaPromptSource(_Strict):
+    """Where the fresh prompts of SPA iterations come from."""
+
+    path: str = Field(..., description="Local dataset file (json/jsonl/parquet) or dir.")
+    field: str = Field("prompt", description="Column holding the prompt text.")
+    split: str = "train"
+
+
+class SpaConfig(_Strict):
+    """SPA: spread preference annotation (METHODS.md §1)."""
+
+    beta: float = Field(0.1, gt=0.0, description="Implicit-reward / DPO beta.")
+    iterations: int = Field(3, ge=1)
+    iteration: int = Field(
+        1, ge=0, description="Iteration being trained now (0 = seed DPO); picks λ."
+    )
+    seed_epochs: int = Field(3, ge=1, description="Epochs of seed DPO (< ~2K pairs).")
+    num_samples: int = Field(2, ge=2, description="Responses sampled per prompt (K).")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(300, ge=1)
+    generation_batch_size: int = Field(8, ge=1)
+    judge_batch_size: int = Field(8, ge=1)
+    generation_backend: Literal["auto", "hf", "vllm"] = "auto"
+    length_normalized: bool = Field(
+        False, description="Judge by per-token reward (counters length growth)."
+    )
+    init_model: str | None = Field(
+        None,
+        description="π_init for judging; None = the base model with the adapter off.",
+    )
+    alpha: float = Field(0.1, ge=0.0, le=0.5, description="Smoothing of noisy pairs.")
+    noise_quantile: float = Field(
+        0.1, gt=0.0, lt=1.0, description="K: this least-confident fraction is noisy."
+    )
+    margin_window: int = Field(
+        50, ge=1, description="Recent micro-batches whose per-sample margins set τ."
+    )
+    alpha_warmup_ratio: float = Field(
+        0.2, ge=0.0, le=1.0, description="α = 0 for this first fraction of steps."
+    )
+    dnd: bool = Field(True, description="De-coupled noise detection (paper: on).")
+    dnd_lambdas: list[float] = Field(
+        default_factory=lambda: [0.5, 0.25, 0.125],
+        description="λ per iteration 1, 2, 3, ... (last value repeats).",
+    )
+    prompts: list[SpaPromptSource] = Field(
+        default_factory=list,
+        description="One source per iteration, or one source split into disjoint parts.",
+    )
+    prompts_per_iteration: list[int] | None = Field(
+        None, description="Sizes of the disjoint parts when one source is split."
+    )
+    seed: int = 42
+
+    def dnd_lambda(self, iteration: int | None = None) -> float:
+        """λ of the given (default: current) iteration; 0 when DND is off."""
+        i = self.iteration if iteration is None else iteration
+        if not self.dnd or i < 1:
+            return 0.0
+        return self.dnd_lambdas[min(i, len(self.dnd_lambdas)) - 1]
+
+
+class RobustFTFields(_Strict):
+    """Column names of an SFT row for RobustFT."""
+
+    question: str = "question"
+    answer: str = "answer"
+    options: str | None = Field(
+        None, description="Column with a list of options (multiple choice)."
+    )
+
+
+class RobustFTConfig(_Strict):
+    """RobustFT: noise detection, relabelling and selection (METHODS.md §3)."""
+
+    experts: list[str] = Field(
+        default_factory=list, description="Local model paths; empty = the base model."
+    )
+    answer_type: Literal["auto", "choice", "number", "text"] = "auto"
+    agreement: Literal["all", "majority", "any"] = Field(
+        "all", description="Clean when all (paper) / most / any predictions agree."
+    )
+    reasoning: bool = Field(True, description="Also ask a reasoning-enhanced expert.")
+    k: int = Field(3, ge=1, description="Clean neighbours retrieved per noisy row.")
+    select_ratio: float = Field(
+        0.5, gt=0.0, le=1.0, description="β: lowest-entropy fraction kept."
+    )
+    encoder: str | None = Field(
+        None, description="sentence-transformers path; None = all-MiniLM-L6-v2."
+    )
+    number_rel_tol: float = Field(1e-2, ge=0.0)
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gold_field: str | None = Field(
+        None, description="Ground-truth column for precision/recall in the report."
+    )
+    output_dir: str | None = Field(
+        None, description="Where the denoised set goes; default output_dir/robustft."
+    )
+    fields: RobustFTFields = Field(default_factory=RobustFTFields)
+    seed: int = 42
+
+
+class PrefAlignConfig(_Strict):
+    """Everything under `prefalign:`."""
+
+    loss: LossType | None = Field(
+        None, description="Preference loss for `rl: dpo`; set = our trainer is used."
+    )
+    fused_logprobs: bool = Field(
+        False, description="Use our DPO trainer with the chunked log-prob path."
+    )
+    chunk_size: int = Field(1024, ge=1, description="Tokens per lm_head chunk.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="ε for cdpo / robust."
+    )
+    packing: bool = Field(
+        False, description="Pack chosen+rejected without padding (varlen attention)."
+    )
+    reference_cache: bool = Field(
+        False, description="Compute reference log-probs once per dataset and reuse."
+    )
+    reference_cache_dir: str | None = None
+    on_bad_row: BadRowPolicy = Field(
+        "error", description="error: stop naming file/row/field; skip: drop and count."
+    )
+    spa: SpaConfig = Field(default_factory=SpaConfig)
+    contrast: ContrastConfig = Field(default_factory=ContrastConfig)
+    robustft: RobustFTConfig = Field(default_factory=RobustFTConfig)
+
+    @model_validator(mode="after")
+    def _check_loss_params(self) -> PrefAlignConfig:
+        if self.label_smoothing > 0 and self.loss not in (None, "cdpo", "robust"):
+            raise ValueError(
+                "prefalign.label_smoothing only applies to loss: cdpo or robust "
+                f"(loss is {self.loss!r})"
+            )
+        return self
+
+    @property
+    def trainer_active(self) -> bool:
+        """True when the YAML asks for our DPO trainer."""
+        return self.loss is not None or self.fused_logprobs
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> PrefAlignConfig:
+        """Validate a raw `prefalign:` mapping with errors that name the bad key."""
+        if raw is None:
+            return cls()
+        if isinstance(raw, PrefAlignConfig):
+            return raw
+        if isinstance(raw, BaseModel):
+            raw = raw.model_dump()
+        if not isinstance(raw, dict):
+            raise PrefAlignConfigError(
+                f"prefalign: must be a mapping, got {type(raw).__name__}"
+            )
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as err:
+            raise PrefAlignConfigError(_explain(err)) from None
+
+
+class PrefAlignConfigError(ValueError):
+    """A `prefalign:` block that does not validate."""
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = PrefAlignConfig
+    for part in path:
+        if model is None or not isinstance(part, str):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        dotted = ".".join(["prefalign", *map(str, loc)])
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            msg = f"unknown key {dotted!r}"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
+            msg += f"; valid keys here: {', '.join(valid)}"
+            lines.append(msg)
+        else:
+            lines.append(f"{dotted}: {e['msg']}")
+    return "invalid prefalign: block: " + "; ".join(lines)
+
+
+class PrefAlignArgs(BaseModel):
+    """The pydantic mixin Axolotl merges into its config schema."""
+
+    prefalign: PrefAlignConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validate_prefalign(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("prefalign") is not None:
+            data = dict(data)
+            data["prefalign"] = PrefAlignConfig.from_raw(data["prefalign"])
+        return data

@@ -1,0 +1,97 @@
+"""`axolotl prefalign ...` and the standalone `prefalign ...` command group.
+
+Each command imports its pipeline only when it runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+OFFLINE_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def offline_env() -> None:
+    """No telemetry, no hub: the pipelines only ever read local files."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def load_config(config: str | Path):
+    """Load and validate an Axolotl YAML (with our plugin) the way `axolotl train`
+    does; returns Axolotl's DictDefault config."""
+    offline_env()
+    from axolotl.cli.config import load_cfg
+
+    return load_cfg(str(config))
+
+
+config_arg = click.argument(
+    "config", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+
+
+@click.group(name="prefalign")
+def prefalign() -> None:
+    """SPA, plaintext contrast SFT, RobustFT and data tools for Axolotl."""
+    offline_env()
+
+
+@prefalign.command("prepare-model")
+@click.option("--force", is_flag=True, help="Convert again even if cached.")
+def prepare_model(force: bool) -> None:
+    """Turn the embedded SmolLM2-135M-Instruct (GGUF) into a local HF folder."""
+    from .models import DefaultModelError, prepare_default_model
+
+    try:
+        path = prepare_default_model(force=force)
+    except DefaultModelError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(str(path))
+
+
+@prefalign.command("contrast-preview")
+@config_arg
+@click.option("-n", "num_rows", default=3, show_default=True, help="Rows to show.")
+def contrast_preview(config: Path, num_rows: int) -> None:
+    """Print rendered contrast rows with the loss-carrying span marked."""
+    from .contrast import preview_config
+
+    preview_config(load_config(config), num_rows=num_rows, echo=click.echo)
+
+
+@prefalign.command("spa-expand")
+@config_arg
+@click.option("--iteration", "-i", type=int, required=True, help="SPA iteration.")
+@click.option("--model", "model_path", default=None, help="Current model (π_{i-1}).")
+@click.option("--out", "out_dir", default=None, help="Output folder for the pairs.")
+def spa_expand(config: Path, iteration: int, model_path, out_dir) -> None:
+    """Sample responses for new prompts and label them with the implicit reward."""
+    from .spa.loop import expand_from_config
+
+    expand_from_config(load_config(config), iteration, model_path, out_dir)
+
+
+@prefalign.command("spa")
+@config_arg
+def spa(config: Path) -> None:
+    """Run the SPA loop: seed DPO, then expand → train for each iteration."""
+    from .spa.loop import run_from_config
+
+    run_from_config(load_config(config), config_path=config)
+
+
+@prefalign.command("denoise")
+@config_arg
+def denoise(config: Path) -> None:
+    """RobustFT: detect, relabel and select the noisy rows of an SFT set."""
+    from .robustft.pipeline import denoise_from_config
+
+    denoise_from_config(load_config(config))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    prefalign(prog_name=Path(sys.argv[0]).name)

@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny random Llama and a small BPE tokenizer built locally.
+
+Nothing here touches the network; every model is built in seconds from scratch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "Question: What is the capital of France? Answer: Paris is the capital.",
+    "Instruction: answer accurately; the negative answer is a wrong example.",
+    "Negative answer: The capital is Berlin. Positive answer: The capital is Paris.",
+    "The quick brown fox jumps over the lazy dog. 1 2 3 4 5 6 7 8 9 10 42 3.14",
+    "A B C D (A) (B) (C) (D) Answer: B. The answer is C. Let's think step by step.",
+    "user assistant system hello world good bad wrong right yes no true false",
+    "指令 问题 消极回答 积极回答 北京 巴黎 首都",
+] * 20
+
+
+def build_tiny_tokenizer(path: Path):
+    """Train a small byte-level BPE with ChatML special tokens and save it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_llama(path: Path, vocab_size: int, seed: int = 0):
+    """A 2-layer random Llama small enough to train on the CPU in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random Llama and its tokenizer (HF format)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tiny_tokenizer(path)
+    build_tiny_llama(path, vocab_size=len(tok))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, prepared once (skips if not installed)."""
+    from axolotl_prefalign.models import DefaultModelError, prepare_default_model
+
+    try:
+        return prepare_default_model()
+    except DefaultModelError as err:  # pragma: no cover - depends on the machine
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
