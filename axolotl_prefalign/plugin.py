@@ -74,9 +74,15 @@ class PrefAlignPlugin(BasePlugin):
         LOG.info("prefalign: using trainer %s", dotted)
 
     def get_collator_cls_and_kwargs(self, cfg: Any, is_eval: bool = False):
-        # The SFT builder asks plugins for a collator; ours needs none. Plain None
-        # (not a tuple) tells Axolotl to use its default.
-        return None
+        # Only the SFT builder asks. Plain None (never a tuple of Nones) keeps
+        # Axolotl's default collator; contrast SFT with unlikelihood needs its own
+        # to carry the negative-answer mask.
+        pa = prefalign_config(cfg)
+        if cfg.get("rl") or pa.contrast.unlikelihood_weight <= 0:
+            return None
+        from .contrast import collator_for
+
+        return collator_for(cfg, is_eval=is_eval)
 
     def post_model_load(self, cfg: Any, model: Any) -> None:
         pa = prefalign_config(cfg)
