@@ -181,13 +181,11 @@ class PrefAlignConfig(_Strict):
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="ε for cdpo / robust."
     )
-    packing: bool = Field(
-        False, description="Pack chosen+rejected without padding (varlen attention)."
-    )
     reference_cache: bool = Field(
-        False, description="Compute reference log-probs once per dataset and reuse."
+        False,
+        description="Compute reference log-probs once per dataset (cached by the "
+        "dataset fingerprint and the model) and reuse them every epoch.",
     )
-    reference_cache_dir: str | None = None
     on_bad_row: BadRowPolicy = Field(
         "error", description="error: stop naming file/row/field; skip: drop and count."
     )

@@ -12,6 +12,7 @@ from .args import PrefAlignConfig, PrefAlignConfigError
 
 LOG = logging.getLogger("axolotl_prefalign")
 
+DEFAULT_MODEL_ALIAS = "prefalign:default"
 TRAINER_CLS = "axolotl_prefalign.trainers.PrefAlignDPOTrainer"
 SFT_TRAINER_CLS = "axolotl_prefalign.trainers.ContrastSFTTrainer"
 
@@ -35,6 +36,16 @@ def _salt_dataset_hash() -> None:
         )
 
 
+def _resolve_default_model(cfg: dict) -> None:
+    # `base_model: prefalign:default` is the embedded SmolLM2-135M-Instruct, so a
+    # shared YAML runs offline on any machine with the package installed.
+    for key in ("base_model", "tokenizer_config"):
+        if cfg.get(key) == DEFAULT_MODEL_ALIAS:
+            from .models import prepare_default_model
+
+            cfg[key] = str(prepare_default_model())
+
+
 class PrefAlignPlugin(BasePlugin):
     """SPA, plaintext contrast SFT, RobustFT and a fused log-prob path for Axolotl."""
 
@@ -47,6 +58,7 @@ class PrefAlignPlugin(BasePlugin):
         os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
         pa = prefalign_config(cfg)
         _salt_dataset_hash()
+        _resolve_default_model(cfg)
         if pa.trainer_active:
             rl = cfg.get("rl")
             rl = getattr(rl, "value", rl)
@@ -72,6 +84,20 @@ class PrefAlignPlugin(BasePlugin):
             )
         cfg["trainer_cls"] = dotted
         LOG.info("prefalign: using trainer %s", dotted)
+
+    def get_training_args(self, cfg: Any) -> dict[str, Any] | None:
+        pa = prefalign_config(cfg)
+        if not pa.trainer_active:
+            return None
+        out: dict[str, Any] = {}
+        if pa.reference_cache:
+            # TRL caches the reference pass keyed by dataset fingerprint + model
+            # hash; our trainer's compute_ref_log_probs fills it on the fused path.
+            out["precompute_ref_log_probs"] = True
+        trl_beta = cfg.get("trl", {}).get("beta") if cfg.get("trl") else None
+        if pa.loss == "spa" and cfg.get("rl_beta") is None and trl_beta is None:
+            out["beta"] = pa.spa.beta
+        return out
 
     def get_collator_cls_and_kwargs(self, cfg: Any, is_eval: bool = False):
         # Only the SFT builder asks. Plain None (never a tuple of Nones) keeps
