@@ -46,6 +46,22 @@ def _resolve_default_model(cfg: dict) -> None:
             cfg[key] = str(prepare_default_model())
 
 
+LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
+
+
+def _cpu_safe_lora_kernels(cfg: dict) -> None:
+    # Axolotl turns on its fused LoRA kernels by default; they call CUDA stream
+    # APIs, so QLoRA on a machine without a GPU would crash inside them.
+    import torch
+
+    if torch.cuda.is_available() or not cfg.get("adapter"):
+        return
+    for key in LORA_KERNELS:
+        if cfg.get(key) is None:
+            cfg[key] = False
+    LOG.info("prefalign: no CUDA device: Axolotl's fused LoRA kernels are off")
+
+
 class PrefAlignPlugin(BasePlugin):
     """SPA, plaintext contrast SFT, RobustFT and a fused log-prob path for Axolotl."""
 
@@ -59,6 +75,7 @@ class PrefAlignPlugin(BasePlugin):
         pa = prefalign_config(cfg)
         _salt_dataset_hash()
         _resolve_default_model(cfg)
+        _cpu_safe_lora_kernels(cfg)
         if pa.trainer_active:
             rl = cfg.get("rl")
             rl = getattr(rl, "value", rl)

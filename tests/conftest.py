@@ -124,3 +124,66 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def run_axolotl_train(cfg: dict, workdir: Path, timeout: int = 600):
+    """Write `cfg` as YAML and run `axolotl train` in a subprocess on the CPU.
+
+    Returns the CompletedProcess; its output is printed on failure.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = dict(os.environ)
+    env.update(
+        AXOLOTL_DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    # `axolotl train` launches accelerate from PATH: use the venv's bin.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run(
+        [str(Path(bin_dir) / "axolotl"), "train", str(path)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        print(proc.stdout[-6000:])
+        print(proc.stderr[-6000:])
+    return proc
+
+
+def tiny_train_cfg(model_dir: Path, out_dir: Path, **extra) -> dict:
+    """A minimal CPU training config for the tiny model (a few steps)."""
+    cfg = {
+        "base_model": str(model_dir),
+        "plugins": ["axolotl_prefalign.PrefAlignPlugin"],
+        "sequence_len": 128,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "output_dir": str(out_dir),
+        "dataset_prepared_path": str(out_dir / "prepared"),
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "seed": 1,
+    }
+    cfg.update(extra)
+    return cfg
