@@ -67,27 +67,48 @@ class ContrastConfig(_Strict):
 class SpaPromptSource(_Strict):
     """Where the fresh prompts of SPA iterations come from."""
 
-    path: str = Field(..., description="Local dataset file (json/jsonl/parquet) or dir.")
+    path: str = Field(
+        ..., description="Local .jsonl/.json/.csv/.parquet file or dataset folder."
+    )
     field: str = Field("prompt", description="Column holding the prompt text.")
-    split: str = "train"
+    split: str = Field("train", description="Split to read (dataset folders/files).")
 
 
 class SpaConfig(_Strict):
     """SPA: spread preference annotation (METHODS.md §1)."""
 
     beta: float = Field(0.1, gt=0.0, description="Implicit-reward / DPO beta.")
-    iterations: int = Field(3, ge=1)
+    iterations: int = Field(
+        3, ge=1, description="Expand → train rounds after seed DPO."
+    )
     iteration: int = Field(
         1, ge=0, description="Iteration being trained now (0 = seed DPO); picks λ."
     )
     seed_epochs: int = Field(3, ge=1, description="Epochs of seed DPO (< ~2K pairs).")
     num_samples: int = Field(2, ge=2, description="Responses sampled per prompt (K).")
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(300, ge=1)
-    generation_batch_size: int = Field(8, ge=1)
-    judge_batch_size: int = Field(8, ge=1)
-    generation_backend: Literal["auto", "hf", "vllm"] = "auto"
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(300, ge=1, description="Longest sampled response.")
+    generation_batch_size: int = Field(
+        8, ge=1, description="Prompts per generate call."
+    )
+    judge_batch_size: int = Field(
+        8, ge=1, description="Prompts per judge forward (all K responses each)."
+    )
+    generation_backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vLLM when installed and on a GPU, else HF generate."
+    )
+    shard_size: int = Field(
+        64, ge=1, description="Prompts per output shard (the unit of resuming)."
+    )
+    max_prompt_tokens: int = Field(
+        1024, ge=1, description="Longer prompts are bad rows (official recipe: 1024)."
+    )
+    launcher: Literal["python", "accelerate", "torchrun"] = Field(
+        "python",
+        description="How the SPA loop launches each `axolotl train` stage "
+        "(accelerate/torchrun for several GPUs).",
+    )
     length_normalized: bool = Field(
         False, description="Judge by per-token reward (counters length growth)."
     )
@@ -112,12 +133,14 @@ class SpaConfig(_Strict):
     )
     prompts: list[SpaPromptSource] = Field(
         default_factory=list,
-        description="One source per iteration, or one source split into disjoint parts.",
+        description="One source per iteration, or one split into disjoint parts.",
     )
     prompts_per_iteration: list[int] | None = Field(
-        None, description="Sizes of the disjoint parts when one source is split."
+        None,
+        description="Sizes of the disjoint parts when one source is split (default: "
+        "equal parts); with one source per iteration, a cap per source.",
     )
-    seed: int = 42
+    seed: int = Field(42, description="Sampling seed (per block of prompts).")
 
     def dnd_lambda(self, iteration: int | None = None) -> float:
         """λ of the given (default: current) iteration; 0 when DND is off."""

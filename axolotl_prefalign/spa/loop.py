@@ -1,0 +1,794 @@
+"""The SPA loop: seed DPO, then N rounds of expand → train (METHODS.md §1).
+
+Everything lives under the YAML's `output_dir`:
+
+    iter_0/            seed DPO on the labelled seed (the YAML's own datasets)
+    iter_<i>/          iteration i: generations/, pairs/, dropped/, summary.json
+                       (the expansion), config.yml (the generated training YAML),
+                       the trained adapter or model, merged/ (LoRA: π_i as a full
+                       model), metrics.json, *.log (each stage's output)
+    spa_state.json     finished stages (a rerun skips them)
+    spa_summary.json   per-iteration statistics (also printed as a table)
+
+Each stage runs as a subprocess (`axolotl train`, `axolotl merge-lora`,
+`axolotl prefalign spa-expand`), so this module only orchestrates. Iteration i
+trains π_i from π_{i−1} for one epoch with `prefalign.loss: spa` and
+`prefalign.spa.iteration: i`; the DPO reference is π_{i−1}: with LoRA, a fresh
+adapter on `iter_<i-1>/merged` (adapter disabled = π_{i−1}); with full fine-tuning,
+the previous output as base_model. The judge's π_init is always the ORIGINAL base
+model (the SFT model): with LoRA, the adapters of iterations 0..i−1 are stacked on
+it (all active = π_{i−1}, all disabled = π_init), so one model serves both.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..args import SpaConfig, SpaPromptSource
+from ..rows import RowChecker, text_problem
+from ..shards import atomic_write_json, atomic_write_text
+
+LOG = logging.getLogger("axolotl_prefalign")
+
+STATE_FILE = "spa_state.json"
+SUMMARY_FILE = "spa_summary.json"
+PLUGIN = "axolotl_prefalign.PrefAlignPlugin"
+PAIRS_TYPE = "axolotl_prefalign.spa_pairs"
+WEIGHT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Settings that decide an expansion's rows (a change makes finished ones stale).
+EXPAND_SETTINGS = {
+    "beta",
+    "num_samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "generation_batch_size",
+    "judge_batch_size",
+    "generation_backend",
+    "shard_size",
+    "max_prompt_tokens",
+    "length_normalized",
+    "init_model",
+    "prompts",
+    "prompts_per_iteration",
+    "seed",
+}
+# spa settings only the loop and the expansion read (not the trainer).
+LOOP_ONLY = (EXPAND_SETTINGS - {"beta"}) | {"iterations", "seed_epochs", "launcher"}
+
+# (command, log file) -> None; raises on failure. Tests inject their own.
+Runner = Callable[[list[str], Path], None]
+
+
+class SpaLoopError(RuntimeError):
+    """The SPA loop cannot go on (bad settings, a failed stage, missing outputs)."""
+
+
+# -- prompts -------------------------------------------------------------------
+
+
+def _read_rows(source: SpaPromptSource, checker: RowChecker) -> list[Any]:
+    path = Path(source.path).expanduser()
+    if not path.exists():
+        raise SpaLoopError(f"prefalign.spa.prompts: {path} does not exist")
+    if path.suffix == ".jsonl":
+        rows: list[Any] = []
+        lines = [
+            ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()
+        ]
+        for idx, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                checker.bad(idx, None, f"invalid JSON ({err.msg})")
+                rows.append(None)
+        return rows
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise SpaLoopError(
+                f"{path}: expected a JSON list of objects (or use .jsonl)"
+            )
+        return data
+    import datasets
+
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            ds = datasets.load_dataset(str(path), split=source.split)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[source.split]
+    else:
+        kind = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(
+            path.suffix
+        )
+        if kind is None:
+            raise SpaLoopError(f"{path}: use a .jsonl, .json, .csv or .parquet file")
+        ds = datasets.load_dataset(kind, data_files=str(path), split=source.split)
+    return ds.to_list()
+
+
+def load_prompts(source: SpaPromptSource, on_bad_row: str = "error"):
+    """A source's prompts as a Dataset with `index` (source row) and `prompt`."""
+    from datasets import Dataset
+
+    checker = RowChecker(str(source.path), on_bad_row)
+    index, prompts = [], []
+    for idx, row in enumerate(_read_rows(source, checker)):
+        if row is None:  # invalid JSON line, already counted
+            continue
+        if not isinstance(row, dict):
+            checker.bad(idx, None, f"must be an object, got {type(row).__name__}")
+            continue
+        problem = text_problem(row, source.field)
+        if problem:
+            checker.bad(idx, source.field, problem)
+            continue
+        index.append(idx)
+        prompts.append(row[source.field].strip())
+    checker.report()
+    return Dataset.from_dict({"index": index, "prompt": prompts})
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def iteration_prompts(spa: SpaConfig, on_bad_row: str = "error") -> list:
+    """The fresh prompts of iterations 1..N (element i−1 = iteration i), checked to
+    be non-empty and disjoint across iterations."""
+    n = spa.iterations
+    sources, sizes = spa.prompts, spa.prompts_per_iteration
+    if not sources:
+        raise SpaLoopError(
+            "prefalign.spa.prompts is empty: SPA iterations need fresh prompts "
+            "(one source per iteration, or one source split by prompts_per_iteration)"
+        )
+    if sizes is not None and len(sizes) != n:
+        raise SpaLoopError(
+            f"prefalign.spa.prompts_per_iteration has {len(sizes)} sizes for "
+            f"{n} iterations"
+        )
+    if sizes is not None and min(sizes) < 1:
+        raise SpaLoopError("prefalign.spa.prompts_per_iteration: sizes must be >= 1")
+    if len(sources) == n:
+        parts = [load_prompts(s, on_bad_row) for s in sources]
+        if sizes is not None:
+            for i, (part, size) in enumerate(zip(parts, sizes, strict=True), 1):
+                if len(part) < size:
+                    raise SpaLoopError(
+                        f"iteration {i}: {sources[i - 1].path} has {len(part)} usable "
+                        f"prompts, prompts_per_iteration asks for {size}"
+                    )
+            parts = [p.select(range(s)) for p, s in zip(parts, sizes, strict=True)]
+    elif len(sources) == 1:
+        whole = load_prompts(sources[0], on_bad_row)
+        if sizes is None:
+            base, extra = divmod(len(whole), n)
+            sizes = [base + (k < extra) for k in range(n)]
+        if sum(sizes) > len(whole):
+            raise SpaLoopError(
+                f"too few prompts: {sources[0].path} has {len(whole)} usable prompts, "
+                f"the {n} iterations need {sum(sizes)} ({sizes})"
+            )
+        starts = [sum(sizes[:k]) for k in range(n)]
+        parts = [
+            whole.select(range(a, a + s)) for a, s in zip(starts, sizes, strict=True)
+        ]
+    else:
+        raise SpaLoopError(
+            f"prefalign.spa.prompts has {len(sources)} sources for {n} iterations: "
+            "give one per iteration, or one to split into disjoint parts"
+        )
+    seen: dict[str, int] = {}
+    for i, part in enumerate(parts, 1):
+        if len(part) == 0:
+            raise SpaLoopError(f"iteration {i} has no prompts")
+        for prompt in part["prompt"]:
+            first = seen.setdefault(_norm(prompt), i)
+            if first != i:
+                raise SpaLoopError(
+                    f"prompt {prompt[:60]!r} is in iterations {first} and {i}: SPA "
+                    "needs fresh prompts each iteration (the parts overlap)"
+                )
+        repeated = len(part) - len({_norm(p) for p in part["prompt"]})
+        if repeated:
+            LOG.warning("SPA iteration %d: %d repeated prompt(s)", i, repeated)
+    return parts
+
+
+# -- models for the judge --------------------------------------------------------
+
+
+def iter_dir(output_dir: str | Path, iteration: int) -> Path:
+    """`output_dir/iter_<i>`."""
+    return Path(output_dir) / f"iter_{iteration}"
+
+
+def is_adapter_run(cfg: Any) -> bool:
+    """True when the YAML trains a LoRA/QLoRA adapter."""
+    return cfg.get("adapter") in ("lora", "qlora")
+
+
+def original_base(cfg: Any) -> str:
+    """π_init: the YAML's base model (the SFT model), resolved once."""
+    from ..models import resolve_model_path
+    from ..plugin import DEFAULT_MODEL_ALIAS
+
+    base = cfg.get("base_model")
+    if base == DEFAULT_MODEL_ALIAS:
+        base = resolve_model_path(None)
+    return _abs(base)
+
+
+def _abs(path: str) -> str:
+    p = Path(str(path)).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
+def has_weights(path: Path) -> bool:
+    """True when `path` holds a saved model or adapter."""
+    return any((path / name).exists() for name in WEIGHT_FILES)
+
+
+@dataclass
+class PolicySpec:
+    """How to load π_{i−1} and π_init for judging (paths only, nothing loaded)."""
+
+    base: str
+    adapters: list[str] = field(default_factory=list)
+    init_path: str | None = None  # None: π_init = the adapters disabled
+    vllm_path: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.base + "".join(f" + {a}" for a in self.adapters)
+
+    @property
+    def init_id(self) -> str:
+        return self.init_path or "adapter-disabled"
+
+
+def policy_spec(cfg: Any, iteration: int, model_path: str | None = None) -> PolicySpec:
+    """Where π_{iteration−1} and π_init come from (the loop's layout, or --model)."""
+    from ..plugin import prefalign_config
+
+    spa = prefalign_config(cfg).spa
+    base = original_base(cfg)
+    init = _abs(spa.init_model) if spa.init_model else None
+    if model_path:
+        path = Path(model_path)
+        adapter_cfg = path / "adapter_config.json"
+        if adapter_cfg.exists():
+            on = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            on = _abs(on)
+            if init is None and on != base:
+                init = base
+            return PolicySpec(on, [_abs(str(path))], init)
+        return PolicySpec(_abs(str(path)), [], init or base, _abs(str(path)))
+    out = Path(cfg.get("output_dir"))
+    if is_adapter_run(cfg):
+        dirs = [iter_dir(out, k) for k in range(iteration)]
+        for d in dirs:
+            if not (d / "adapter_config.json").exists():
+                raise SpaLoopError(
+                    f"π_{iteration - 1} not found: {d} holds no adapter; run the "
+                    "earlier stages (axolotl prefalign spa) or pass --model"
+                )
+        merged = iter_dir(out, iteration - 1) / "merged"
+        vllm = str(merged.resolve()) if has_weights(merged) else None
+        return PolicySpec(base, [str(d.resolve()) for d in dirs], init, vllm)
+    prev = iter_dir(out, iteration - 1)
+    if not has_weights(prev):
+        raise SpaLoopError(
+            f"π_{iteration - 1} not found: {prev} holds no model; run the earlier "
+            "stages (axolotl prefalign spa) or pass --model"
+        )
+    return PolicySpec(str(prev.resolve()), [], init or base, str(prev.resolve()))
+
+
+def _load_causal_lm(path: str, cfg: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.float32
+    if cuda and cfg.get("bf16") in (True, "auto") and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    elif cuda and cfg.get("fp16"):
+        dtype = torch.float16
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": bool(cfg.get("trust_remote_code")),
+    }
+    # Same quantisation as training (QLoRA: NF4); on the CPU plain weights.
+    if cuda and (cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": 0}
+    elif cuda and cfg.get("load_in_8bit"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model.to("cuda" if cuda else "cpu")
+    return model.eval()
+
+
+def load_policy(spec: PolicySpec, cfg: Any) -> tuple[Any, Any]:
+    """(π_{i−1}, π_init or None when π_init = π_{i−1} with its adapters disabled)."""
+    model = _load_causal_lm(spec.base, cfg)
+    if spec.adapters:
+        from peft import PeftModel
+
+        names = [f"a{k}" for k in range(len(spec.adapters))]
+        model = PeftModel.from_pretrained(
+            model, spec.adapters[0], adapter_name=names[0]
+        )
+        for name, path in zip(names[1:], spec.adapters[1:], strict=True):
+            model.load_adapter(path, adapter_name=name)
+        if len(names) > 1:
+            # All active at once: W_init + Σ_k ΔW_k = π_{i−1} (merges are additive).
+            model.base_model.set_adapter(names, inference_mode=True)
+        model.eval()
+    init = _load_causal_lm(spec.init_path, cfg) if spec.init_path else None
+    return model, init
+
+
+def expand_from_config(
+    cfg: Any,
+    iteration: int,
+    model_path: str | None = None,
+    out_dir: str | None = None,
+) -> dict[str, Any]:
+    """`axolotl prefalign spa-expand CONFIG -i I`: the pairs of iteration I from
+    π_{I−1}; returns the expansion summary."""
+    from axolotl.loaders import load_tokenizer
+
+    from ..plugin import prefalign_config
+    from .expand import (
+        VllmGenerator,
+        choose_backend,
+        expand,
+        expansion_meta,
+        finished_summary,
+        generate_responses,
+        prepare_prompts,
+    )
+
+    pa = prefalign_config(cfg)
+    spa = pa.spa
+    if not 1 <= iteration <= spa.iterations:
+        raise SpaLoopError(
+            f"--iteration must be in 1..{spa.iterations} (prefalign.spa.iterations)"
+        )
+    parts = iteration_prompts(spa, pa.on_bad_row)
+    prompts = parts[iteration - 1]
+    source = spa.prompts[min(iteration, len(spa.prompts)) - 1].path
+    out = Path(out_dir) if out_dir else iter_dir(cfg.get("output_dir"), iteration)
+    spec = policy_spec(cfg, iteration, model_path)
+    tokenizer = load_tokenizer(cfg)
+    backend = choose_backend(spa)
+    kept, _ = prepare_prompts(
+        prompts,
+        tokenizer,
+        max_prompt_tokens=spa.max_prompt_tokens,
+        on_bad_row=pa.on_bad_row,
+        source=source,
+    )
+    gen_meta, meta = expansion_meta(
+        spa,
+        iteration,
+        kept,
+        model_id=spec.model_id,
+        init_model_id=spec.init_id,
+        backend=backend,
+    )
+    done = finished_summary(out, meta)
+    if done is not None:
+        LOG.info("SPA iteration %d: expansion already complete in %s", iteration, out)
+        return done
+    if backend == "vllm":
+        if spec.vllm_path is None:
+            raise SpaLoopError(
+                f"vLLM needs π_{iteration - 1} as one model folder (e.g. "
+                f"iter_{iteration - 1}/merged); set generation_backend: hf"
+            )
+        generator = VllmGenerator(spec.vllm_path, tokenizer, spa)
+        try:
+            generate_responses(
+                kept, generator, tokenizer, spa, out, iteration, gen_meta
+            )
+        finally:
+            generator.close()
+    model, init = load_policy(spec, cfg)
+    return expand(
+        prompts,
+        model,
+        tokenizer,
+        init,
+        spa,
+        out,
+        iteration,
+        chunk_size=pa.chunk_size,
+        on_bad_row=pa.on_bad_row,
+        source=source,
+        model_id=spec.model_id,
+        init_model_id=spec.init_id,
+        backend=backend,
+    )
+
+
+# -- stages ----------------------------------------------------------------------
+
+
+def run_command(cmd: list[str], log_path: Path) -> None:
+    """Run one stage as a subprocess, teeing its output to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    LOG.info("SPA: running %s (log: %s)", " ".join(cmd), log_path)
+    with (
+        open(log_path, "w", encoding="utf-8") as log,
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+    if proc.returncode:
+        raise SpaLoopError(
+            f"stage failed (exit {proc.returncode}): {' '.join(cmd)}; see {log_path}"
+        )
+
+
+def _axolotl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "axolotl.cli.main", *args]
+
+
+def train_command(config: Path, launcher: str) -> list[str]:
+    """`axolotl train CONFIG --launcher L`."""
+    return _axolotl("train", str(config), "--launcher", launcher)
+
+
+def merge_command(config: Path) -> list[str]:
+    """`axolotl merge-lora CONFIG` (writes output_dir/merged)."""
+    return _axolotl("merge-lora", str(config))
+
+
+def expand_command(config: Path, iteration: int, out: Path) -> list[str]:
+    """`axolotl prefalign spa-expand CONFIG --iteration I --out DIR`."""
+    return _axolotl(
+        "prefalign",
+        "spa-expand",
+        str(config),
+        "--iteration",
+        str(iteration),
+        "--out",
+        str(out),
+    )
+
+
+class SpaState:
+    """`spa_state.json`: which stages finished, with the settings they ran with."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = {"stages": {}}
+        if path.exists():
+            self.data = json.loads(path.read_text(encoding="utf-8"))
+
+    def entry(self, name: str) -> dict | None:
+        return self.data["stages"].get(name)
+
+    def finish(self, name: str, sha: str) -> None:
+        self.data["stages"][name] = {
+            "sha": sha,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(self.path, self.data)
+
+    def forget(self, name: str) -> None:
+        if self.data["stages"].pop(name, None) is not None:
+            atomic_write_json(self.path, self.data)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Loop:
+    state: SpaState
+    runner: Runner
+    # True once a stage ran in this invocation: later stages' old outputs are stale.
+    dirty: bool = False
+    ran: list[str] = field(default_factory=list)
+
+    def stage(
+        self,
+        name: str,
+        sha: str,
+        cmd: list[str],
+        log: Path,
+        done: Callable[[], bool],
+        stale: list[Path],
+    ) -> None:
+        entry = self.state.entry(name)
+        if entry and not self.dirty:
+            if entry["sha"] != sha:
+                raise SpaLoopError(
+                    f"stage {name} finished with other settings than the YAML has "
+                    f"now; restore them, or delete {log.parent} and later iterations "
+                    "to redo them"
+                )
+            if done():
+                LOG.info("SPA: %s already done, skipped", name)
+                return
+            LOG.warning(
+                "SPA: %s is recorded as done but its output is gone; rerun", name
+            )
+        if self.dirty:
+            # An earlier stage was redone: anything this one left before is stale.
+            for path in stale:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self.state.forget(name)
+        self.dirty = True
+        self.runner(cmd, log)
+        if not done():
+            raise SpaLoopError(f"stage {name} ended without its output; see {log}")
+        self.state.finish(name, sha)
+        self.ran.append(name)
+
+
+def expansion_done(d: Path) -> bool:
+    """True when `d` holds a complete expansion."""
+    manifest = d / "pairs" / "manifest.json"
+    if not (manifest.exists() and (d / "summary.json").exists()):
+        return False
+    return bool(json.loads(manifest.read_text(encoding="utf-8")).get("complete"))
+
+
+def pair_files(d: Path) -> list[str]:
+    """The pair shard files an expansion's manifest lists (absolute paths)."""
+    manifest = json.loads((d / "pairs" / "manifest.json").read_text(encoding="utf-8"))
+    return [str((d / "pairs" / s["file"]).resolve()) for s in manifest["shards"]]
+
+
+def stage_config(
+    raw: dict[str, Any],
+    spa: SpaConfig,
+    iteration: int,
+    *,
+    base_model: str,
+    tokenizer: str,
+    out: Path,
+    pairs: list[str] | None,
+) -> dict[str, Any]:
+    """The training YAML of one stage, derived from the user's YAML."""
+    c = copy.deepcopy(raw)
+    for key in ("lora_model_dir", "resume_from_checkpoint", "base_model_config"):
+        c.pop(key, None)
+    c["base_model"] = base_model
+    c["tokenizer_config"] = tokenizer
+    c["rl"] = "dpo"
+    c["output_dir"] = str(out)
+    c["dataset_prepared_path"] = str(out / "prepared")
+    pf = copy.deepcopy(raw.get("prefalign") or {})
+    # The trainer reads only the loss-side spa settings; leaving out the loop's
+    # own (prompts, sampling, ...) keeps a change there from staling finished
+    # training stages.
+    spa_block = {k: v for k, v in (pf.get("spa") or {}).items() if k not in LOOP_ONLY}
+    pf["spa"] = {**spa_block, "iteration": iteration}
+    if iteration == 0:
+        # Seed DPO is plain DPO (sigmoid) on the labelled seed, for seed_epochs.
+        c["num_epochs"] = spa.seed_epochs
+        pf["loss"] = "sigmoid"
+        pf.pop("label_smoothing", None)
+    else:
+        c["num_epochs"] = 1
+        c["datasets"] = [
+            {
+                "path": str(out / "pairs"),
+                "ds_type": "json",
+                "data_files": pairs,
+                "split": "train",
+                "type": PAIRS_TYPE,
+            }
+        ]
+        pf["loss"] = pf.get("loss") or "spa"
+    c["prefalign"] = pf
+    if c.get("rl_beta") is None and not (c.get("trl") or {}).get("beta"):
+        c["rl_beta"] = spa.beta
+    return c
+
+
+def training_stats(d: Path) -> dict[str, Any]:
+    """Loss and reward statistics of a finished stage, from the trainer's log
+    history (trainer_state.json here or in the newest checkpoint, else its log)."""
+    history: list[dict] = []
+    candidates = [d / "trainer_state.json"] + sorted(
+        d.glob("checkpoint-*/trainer_state.json"),
+        key=lambda p: int(p.parent.name.split("-")[-1]),
+        reverse=True,
+    )
+    for path in candidates:
+        if path.exists():
+            history = json.loads(path.read_text(encoding="utf-8")).get(
+                "log_history", []
+            )
+            break
+    if not history and (d / "train.log").exists():
+        for line in (d / "train.log").read_text(encoding="utf-8").splitlines():
+            line = line.strip().split("\r")[-1]
+            if line.startswith("{") and "loss" in line:
+                try:
+                    entry = ast.literal_eval(line)
+                except (ValueError, SyntaxError):
+                    continue
+                if isinstance(entry, dict):
+                    history.append(entry)
+    steps = [h for h in history if "loss" in h]
+    final = [h for h in history if "train_loss" in h]
+    stats: dict[str, Any] = {"logged_steps": len(steps)}
+    if final:
+        stats["train_loss"] = float(final[-1]["train_loss"])
+    for key in ("loss", "rewards/accuracies", "rewards/margins"):
+        values = [float(h[key]) for h in steps if key in h]
+        if values:
+            stats[f"last_{key}"] = values[-1]
+            stats[f"mean_{key}"] = sum(values) / len(values)
+    return stats
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The per-iteration statistics as a fixed-width text table."""
+    head = (
+        f"{'iter':>4} {'pairs':>6} {'ties':>5} {'empty':>5} {'|margin|':>9} "
+        f"{'p_judge':>7} {'chosen':>7} {'reject':>7} {'loss':>7} {'acc':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        e, t = r.get("expansion") or {}, r.get("training") or {}
+        lines.append(
+            f"{r['iteration']:>4} {_fmt(e.get('pairs'), 'd'):>6} "
+            f"{_fmt(e.get('ties_dropped'), 'd'):>5} "
+            f"{_fmt(e.get('dropped_empty'), 'd'):>5} "
+            f"{_fmt(e.get('mean_abs_margin'), '.4f'):>9} "
+            f"{_fmt(e.get('mean_judge_prob'), '.3f'):>7} "
+            f"{_fmt(e.get('chosen_mean_tokens'), '.1f'):>7} "
+            f"{_fmt(e.get('rejected_mean_tokens'), '.1f'):>7} "
+            f"{_fmt(t.get('train_loss', t.get('last_loss')), '.4f'):>7} "
+            f"{_fmt(t.get('mean_rewards/accuracies'), '.3f'):>6}"
+        )
+    return "\n".join(lines)
+
+
+def run_from_config(
+    cfg: Any, config_path: str | Path, runner: Runner | None = None
+) -> dict[str, Any]:
+    """`axolotl prefalign spa CONFIG`: seed DPO, then expand → train per iteration;
+    resumable at stage granularity. Returns the summary (also `spa_summary.json`)."""
+    import yaml
+
+    from ..plugin import prefalign_config
+
+    config_path = Path(config_path).resolve()
+    raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    if PLUGIN not in (raw.get("plugins") or []):
+        raise SpaLoopError(f"the SPA loop needs `plugins: [{PLUGIN}]` in {config_path}")
+    if raw.get("rl") not in (None, "dpo"):
+        raise SpaLoopError(f"SPA trains with rl: dpo, the YAML has rl: {raw['rl']}")
+    pa = prefalign_config(cfg)
+    spa = pa.spa
+    iteration_prompts(spa, pa.on_bad_row)  # bad prompt settings fail before training
+    out = Path(cfg.get("output_dir")).resolve()
+    base = original_base(cfg)
+    tok = cfg.get("tokenizer_config")
+    tokenizer = base if tok in (None, raw.get("base_model")) else _abs(tok)
+    adapter = is_adapter_run(cfg)
+    spa_sha = _sha(json.dumps(spa.model_dump(include=EXPAND_SETTINGS), sort_keys=True))
+    loop = _Loop(SpaState(out / STATE_FILE), runner or run_command)
+    rows: list[dict[str, Any]] = []
+
+    for i in range(spa.iterations + 1):
+        d = iter_dir(out, i)
+        d.mkdir(parents=True, exist_ok=True)
+        expansion, pairs = None, None
+        if i > 0:
+            loop.stage(
+                f"iter_{i}/expand",
+                spa_sha + f"-{i}",
+                expand_command(config_path, i, d),
+                d / "expand.log",
+                lambda d=d: expansion_done(d),
+                [d / "generations", d / "pairs", d / "dropped", d / "summary.json"],
+            )
+            expansion = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+            if not expansion["pairs"]:
+                raise SpaLoopError(
+                    f"iteration {i} produced no pairs ({expansion['prompts']} prompts, "
+                    f"{expansion['ties_dropped']} ties, {expansion['dropped_empty']} "
+                    "empty); use more prompts or a larger max_new_tokens"
+                )
+            pairs = pair_files(d)
+        prev = iter_dir(out, i - 1)
+        base_i = base if i == 0 else str(prev / "merged" if adapter else prev)
+        conf = stage_config(
+            raw, spa, i, base_model=base_i, tokenizer=tokenizer, out=d, pairs=pairs
+        )
+        text = yaml.safe_dump(conf, sort_keys=False, allow_unicode=True)
+        atomic_write_text(d / "config.yml", text)
+        loop.stage(
+            f"iter_{i}/train",
+            _sha(text),
+            train_command(d / "config.yml", spa.launcher),
+            d / "train.log",
+            lambda d=d: has_weights(d),
+            [*d.glob("checkpoint-*"), *(d / n for n in WEIGHT_FILES), d / "prepared"],
+        )
+        if adapter:
+            loop.stage(
+                f"iter_{i}/merge",
+                _sha(text),
+                merge_command(d / "config.yml"),
+                d / "merge.log",
+                lambda d=d: has_weights(d / "merged"),
+                [d / "merged"],
+            )
+        metrics = {
+            "iteration": i,
+            "stage": "seed DPO" if i == 0 else "SPA",
+            "base_model": base_i,
+            "expansion": expansion,
+            "training": training_stats(d),
+        }
+        atomic_write_json(d / "metrics.json", metrics)
+        rows.append(metrics)
+
+    last = iter_dir(out, spa.iterations)
+    final = last / "merged" if adapter else last
+    summary = {"final_model": str(final), "iterations": rows}
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    table = summary_table(rows)
+    LOG.info("SPA finished; final model: %s\n%s", final, table)
+    print(table, flush=True)
+    return summary
