@@ -23,45 +23,107 @@ class _Strict(BaseModel):
 class ContrastFields(_Strict):
     """Column names of a preference row for the contrast format."""
 
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    messages: str = "messages"
-    instruction: str = "instruction"
-    system: str = "system"
+    prompt: str = Field(
+        "prompt", description="The question: text, or a list of chat messages."
+    )
+    chosen: str = Field("chosen", description="The preferred (positive) answer.")
+    rejected: str = Field("rejected", description="The rejected (negative) answer.")
+    messages: str = Field(
+        "messages",
+        description="Chat-style prompt used when the prompt column is absent: the "
+        "last user message is the question, earlier turns are context.",
+    )
+    instruction: str = Field(
+        "instruction", description="Optional per-row instruction (overrides default)."
+    )
+    system: str = Field("system", description="Optional per-row system text.")
+
+
+# The placeholders each template part must contain (exactly once each).
+CONTRAST_TEMPLATE_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    "system": ("system",),
+    "instruction": ("instruction",),
+    "turn": ("role", "content"),
+    "question": ("question",),
+    "negative": ("negative",),
+    "positive": ("positive",),
+}
 
 
 class ContrastConfig(_Strict):
     """Plaintext contrast SFT with negative-answer masking (METHODS.md §2)."""
 
     preset: Literal["en", "zh"] = Field(
-        "en", description="Marker words: en (Instruction/Question/...) or zh (指令/...)."
+        "en",
+        description="Marker words: en (Instruction/Question/...) or zh (指令/...).",
     )
     template: dict[str, str] | None = Field(
         None,
-        description="Custom template parts with named placeholders; overrides the "
-        "preset's parts that it names (keys: instruction, question, negative, "
-        "positive).",
+        description="Custom template parts with named placeholders, overriding the "
+        "preset's parts that it names; parts are joined with newlines. Keys: "
+        "system {system}, instruction {instruction}, turn {role} {content}, "
+        "question {question}, negative {negative}, positive {positive} (must end "
+        "with {positive}).",
     )
     instruction: str | None = Field(
-        None, description="Default instruction text; the preset's when unset."
+        None,
+        description="Default instruction text; the preset's when unset, no "
+        "instruction line when empty.",
     )
     mode: Literal["raw", "chat"] = Field(
-        "raw", description="raw text, or the model's chat template (user/assistant)."
+        "raw",
+        description="raw text, or the model's chat template: the contrast text up "
+        "to the positive-answer marker as the user turn, the answer as the reply.",
     )
-    order: Literal["negative_first", "positive_first"] = "negative_first"
+    order: Literal["negative_first", "positive_first"] = Field(
+        "negative_first",
+        description="Where the negative slot goes; after the positive answer (and "
+        "its end token) it carries no loss.",
+    )
     positive_only_ratio: float = Field(
         0.0,
         ge=0.0,
         le=1.0,
         description="Fraction of rows rendered with no negative slot (train/inference "
-        "match).",
+        "match); picked per row from seed and row index.",
     )
     unlikelihood_weight: float = Field(
-        0.0, ge=0.0, description="Weight of the CUT-style -log(1-p) term on negatives."
+        0.0,
+        ge=0.0,
+        description="Weight of the CUT-style -log(1-p) term on negative-answer "
+        "tokens (0 = plain SFT, no extra column).",
     )
-    seed: int = 42
+    seed: int = Field(42, description="Seed of the positive-only row choice.")
     fields: ContrastFields = Field(default_factory=ContrastFields)
+
+    @model_validator(mode="after")
+    def _check_template(self) -> ContrastConfig:
+        import string
+
+        for key, part in (self.template or {}).items():
+            wanted = CONTRAST_TEMPLATE_PLACEHOLDERS.get(key)
+            if wanted is None:
+                raise ValueError(
+                    f"template key {key!r} is not one of "
+                    f"{', '.join(CONTRAST_TEMPLATE_PLACEHOLDERS)}"
+                )
+            try:
+                names = [f for _, f, _, _ in string.Formatter().parse(part) if f]
+            except ValueError as err:
+                raise ValueError(f"template.{key}: {err}") from None
+            if sorted(names) != sorted(wanted):
+                need = " ".join("{" + n + "}" for n in wanted)
+                raise ValueError(
+                    f"template.{key} must contain {need} exactly once and no other "
+                    f"placeholder, got {part!r}"
+                )
+        positive = (self.template or {}).get("positive")
+        if positive is not None and not positive.endswith("{positive}"):
+            raise ValueError(
+                "template.positive must end with {positive}: the end token follows "
+                f"the answer directly, got {positive!r}"
+            )
+        return self
 
 
 class SpaPromptSource(_Strict):
