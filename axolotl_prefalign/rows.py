@@ -30,7 +30,9 @@ class RowChecker:
 
     def __post_init__(self) -> None:
         if self.policy not in ("error", "skip"):
-            raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.policy!r}")
+            raise ValueError(
+                f"on_bad_row must be 'error' or 'skip', got {self.policy!r}"
+            )
 
     def bad(self, row: int, fld: str | None, problem: str) -> None:
         """Raise under `error`; count under `skip`."""

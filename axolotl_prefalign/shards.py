@@ -73,7 +73,9 @@ class ShardWriter:
         indices = sorted(set(indices))
         overlap = self.done_indices().intersection(indices)
         if overlap:
-            raise ValueError(f"{self.dir}: inputs {sorted(overlap)[:5]} already written")
+            raise ValueError(
+                f"{self.dir}: inputs {sorted(overlap)[:5]} already written"
+            )
         name = f"shard-{len(self.manifest['shards']):05d}.jsonl"
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         atomic_write_text(self.dir / name, text)

@@ -74,7 +74,11 @@ def test_missing_block_means_defaults(tiny_model_dir):
     [
         ({"spa": {"alhpa": 0.2}}, "prefalign.spa.alhpa", "alpha"),
         ({"los": "spa"}, "prefalign.los", "loss"),
-        ({"robustft": {"fields": {"questoin": "q"}}}, "prefalign.robustft.fields.questoin", "question"),
+        (
+            {"robustft": {"fields": {"questoin": "q"}}},
+            "prefalign.robustft.fields.questoin",
+            "question",
+        ),
     ],
 )
 def test_misspelled_key_fails_naming_it(tiny_model_dir, block, bad, suggestion):
@@ -85,7 +89,10 @@ def test_misspelled_key_fails_naming_it(tiny_model_dir, block, bad, suggestion):
 
 
 def test_bad_value_names_the_field():
-    with pytest.raises(PrefAlignConfigError, match=r"prefalign\.spa\.alpha: .*less than or equal to 0.5"):
+    with pytest.raises(
+        PrefAlignConfigError,
+        match=r"prefalign\.spa\.alpha: .*less than or equal to 0.5",
+    ):
         PrefAlignConfig.from_raw({"spa": {"alpha": 0.9}})
     with pytest.raises(PrefAlignConfigError, match=r"prefalign\.loss: Input should be"):
         PrefAlignConfig.from_raw({"loss": "dpoo"})
@@ -95,18 +102,24 @@ def test_bad_value_names_the_field():
 
 def test_label_smoothing_only_with_cdpo_or_robust():
     assert PrefAlignConfig.from_raw({"loss": "cdpo", "label_smoothing": 0.1})
-    with pytest.raises(PrefAlignConfigError, match="only applies to loss: cdpo or robust"):
+    with pytest.raises(
+        PrefAlignConfigError, match="only applies to loss: cdpo or robust"
+    ):
         PrefAlignConfig.from_raw({"loss": "sigmoid", "label_smoothing": 0.1})
 
 
 def test_loss_requires_rl_dpo(tiny_model_dir):
-    with pytest.raises(PrefAlignConfigError, match=r"runs under `rl: dpo`, but rl is None"):
+    with pytest.raises(
+        PrefAlignConfigError, match=r"runs under `rl: dpo`, but rl is None"
+    ):
         axolotl_validate(_base_cfg(tiny_model_dir, prefalign={"loss": "spa"}))
 
 
 def test_loss_installs_our_trainer(tiny_model_dir):
     raw = _base_cfg(tiny_model_dir, rl="dpo", prefalign={"loss": "sigmoid"})
-    raw["datasets"] = [{"path": "x.jsonl", "ds_type": "json", "type": "chatml.prompt_pairs"}]
+    raw["datasets"] = [
+        {"path": "x.jsonl", "ds_type": "json", "type": "chatml.prompt_pairs"}
+    ]
     cfg = axolotl_validate(raw)
     assert cfg["trainer_cls"] == "axolotl_prefalign.trainers.PrefAlignDPOTrainer"
     from axolotl.utils.import_helper import get_cls_from_module_str
@@ -119,7 +132,9 @@ def test_loss_installs_our_trainer(tiny_model_dir):
 def test_conflicting_trainer_cls_is_an_error(tiny_model_dir):
     raw = _base_cfg(tiny_model_dir, rl="dpo", prefalign={"loss": "sigmoid"})
     raw["trainer_cls"] = "my.Trainer"
-    with pytest.raises(PrefAlignConfigError, match="trainer_cls is set to 'my.Trainer'"):
+    with pytest.raises(
+        PrefAlignConfigError, match="trainer_cls is set to 'my.Trainer'"
+    ):
         axolotl_validate(raw)
 
 
