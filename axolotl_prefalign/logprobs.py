@@ -88,7 +88,9 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         logps = hidden.new_empty(n, dtype=acc)
         lse = hidden.new_empty(n, dtype=acc)
         # W[y_t] − E_p[W]_t, the whole d log p / d h; hidden-sized, not vocab-sized.
-        grad_dir = torch.empty_like(hidden)
+        # Skipped under no_grad (reference and judging passes): half the work.
+        hidden_grad = ctx.needs_input_grad[0]
+        grad_dir = torch.empty_like(hidden) if hidden_grad else None
         buf = hidden.new_empty(min(chunk_size, n), vocab, dtype=acc)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
@@ -97,10 +99,11 @@ class _FusedTokenLogprobs(torch.autograd.Function):
             target_logit = z.gather(1, y).squeeze(1)
             lse[rows] = _softmax_(z)
             logps[rows] = target_logit - lse[rows]
-            # onehot − p is formed in fp32 BEFORE the product: for a confident token
-            # (p_y ≈ 1) the difference W[y] − E_p[W] would cancel badly afterwards.
-            z.neg_().scatter_add_(1, y, torch.ones_like(y, dtype=acc))
-            torch.mm(z.to(weight.dtype), weight, out=grad_dir[rows])
+            if hidden_grad:
+                # onehot − p is formed in fp32 BEFORE the product: for a confident
+                # token (p_y ≈ 1), W[y] − E_p[W] would cancel badly afterwards.
+                z.neg_().scatter_add_(1, y, torch.ones_like(y, dtype=acc))
+                torch.mm(z.to(weight.dtype), weight, out=grad_dir[rows])
         head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(

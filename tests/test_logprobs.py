@@ -164,6 +164,22 @@ def test_prompt_tokens_never_reach_the_vocab_projection():
     assert max(s[0] for s in projected) == 4
 
 
+def test_no_grad_pass_projects_onto_the_vocabulary_once():
+    hidden, weight, bias, labels = make_case(2, 30, 8, 97)
+    hidden.requires_grad_(True)
+
+    def back_projections(grad_enabled):
+        with RecordOutputs() as rec, torch.set_grad_enabled(grad_enabled):
+            out = token_logprobs(hidden, weight, labels, bias=bias, chunk_size=4)
+        return out, [s for f, s in rec.shapes if "mm" in f and s[-1] == 8]
+
+    assert back_projections(True)[1]  # p @ W, for the hidden-state gradient
+    out, projections = back_projections(False)
+    assert not out.requires_grad and not projections
+    want = plain_token_logprobs(hidden, weight, labels, bias)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_all_ignored_gives_zeros_and_zero_grads():
     hidden = torch.randn(2, 5, 8, requires_grad=True)
     weight = torch.randn(13, 8, requires_grad=True)
