@@ -215,10 +215,14 @@ class SpaConfig(_Strict):
 class RobustFTFields(_Strict):
     """Column names of an SFT row for RobustFT."""
 
-    question: str = "question"
-    answer: str = "answer"
+    question: str = Field("question", description="Column holding the question.")
+    answer: str = Field(
+        "answer", description="Column holding the (possibly noisy) answer label."
+    )
     options: str | None = Field(
-        None, description="Column with a list of options (multiple choice)."
+        "options",
+        description="Column with a list of options (multiple choice; labels are a "
+        "letter or an option's text); rows without it are numeric or free-text.",
     )
 
 
@@ -226,31 +230,54 @@ class RobustFTConfig(_Strict):
     """RobustFT: noise detection, relabelling and selection (METHODS.md §3)."""
 
     experts: list[str] = Field(
-        default_factory=list, description="Local model paths; empty = the base model."
+        default_factory=list,
+        description="Local model paths that vote in detection; empty = the base model.",
     )
-    answer_type: Literal["auto", "choice", "number", "text"] = "auto"
+    answer_type: Literal["auto", "choice", "number", "text"] = Field(
+        "auto",
+        description="How answers are compared; auto: choice with options, number "
+        "when the label is a number, text otherwise.",
+    )
     agreement: Literal["all", "majority", "any"] = Field(
         "all", description="Clean when all (paper) / most / any predictions agree."
     )
     reasoning: bool = Field(True, description="Also ask a reasoning-enhanced expert.")
     k: int = Field(3, ge=1, description="Clean neighbours retrieved per noisy row.")
+    review: Literal["model", "rule"] = Field(
+        "model",
+        description="Pseudo-label from the model's review of the reasoning- and "
+        "context-enhanced answers (paper), or from a fixed agreement rule.",
+    )
     select_ratio: float = Field(
         0.5, gt=0.0, le=1.0, description="β: lowest-entropy fraction kept."
     )
     encoder: str | None = Field(
         None, description="sentence-transformers path; None = all-MiniLM-L6-v2."
     )
-    number_rel_tol: float = Field(1e-2, ge=0.0)
-    max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
+    encoder_batch_size: int = Field(64, ge=1, description="Questions per embed batch.")
+    number_rel_tol: float = Field(
+        1e-2, ge=0.0, description="Relative tolerance of numeric answers."
+    )
+    max_new_tokens: int = Field(
+        256, ge=1, description="Generation budget of the reasoning-enhanced answer."
+    )
+    answer_max_new_tokens: int = Field(
+        64,
+        ge=1,
+        description="Budget of the direct answers (plain, context-enhanced, review).",
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Rows per generation batch (and per output shard)."
+    )
     gold_field: str | None = Field(
         None, description="Ground-truth column for precision/recall in the report."
     )
     output_dir: str | None = Field(
-        None, description="Where the denoised set goes; default output_dir/robustft."
+        None,
+        description="Parent of the denoised sets (one keyed folder per input); "
+        "default <output_dir>/robustft.",
     )
     fields: RobustFTFields = Field(default_factory=RobustFTFields)
-    seed: int = 42
 
 
 class PrefAlignConfig(_Strict):

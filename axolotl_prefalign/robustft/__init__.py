@@ -1,0 +1,20 @@
+"""RobustFT: noise-robust SFT data (Luo et al., arXiv 2412.14922; METHODS.md §3).
+
+`type: axolotl_prefalign.robustft` on an SFT dataset entry trains on the denoised
+set D_clean ∪ D_select of that entry (the pipeline runs during preprocessing when
+its output does not exist yet); `axolotl prefalign denoise CONFIG` runs it alone.
+Stages: `predict` (experts' plain and reasoning-enhanced replies), `answers`
+(extraction), `detect` (clean / noisy), `relabel` (retrieval, context-enhanced
+answer, review), `select` (lowest entropy), `pipeline` (resumable run + report).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def load(tokenizer: Any, cfg: Any, ds_cfg: Any = None):
+    """Axolotl's SFT dataset-type hook: a strategy that denoises, then tokenizes."""
+    from .sft import RobustFTStrategy
+
+    return RobustFTStrategy(tokenizer, cfg, ds_cfg or {})

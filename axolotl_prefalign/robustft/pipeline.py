@@ -1,0 +1,707 @@
+"""RobustFT end to end: detect → relabel → review → select (METHODS.md §3).
+
+`denoise_dataset` runs the stages over one `datasets.Dataset` and writes, under one
+output folder:
+
+    predictions/NN-<expert>/  shards + manifest: each expert's plain / reasoning replies
+    relabel/                  shards + manifest: context-enhanced replies and their H;
+                              neighbours.json: the retrieved clean examples
+    review/                   shards + manifest: the review replies (review: model)
+    denoised.jsonl            the training set D_clean ∪ D_select, with provenance
+    all.jsonl                 every input row, dropped and skipped ones included
+    report.json               counts (and precision/recall against a gold column)
+
+Every stage writes atomic shards, so an interrupted run resumes where it stopped;
+`report.json` is written last and marks the folder complete. The folder name holds a
+hash of the `prefalign.robustft` settings, the models and the input rows, so the
+`axolotl prefalign denoise` command and the `axolotl_prefalign.robustft` dataset type
+find the same output.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from ..args import RobustFTConfig
+from ..rows import RowChecker, text_problem
+from ..shards import ShardWriter, atomic_write_json, atomic_write_text
+from .answers import (
+    LabelError,
+    answers_match,
+    infer_kind,
+    label_text,
+    parse_label,
+    write_label,
+)
+from .detect import detect_noise
+from .predict import Predictor, load_model_predictor, predict_rows
+from .relabel import (
+    Encoder,
+    load_encoder,
+    relabel_noisy,
+    retrieve_examples,
+    review_labels,
+)
+from .select import select_by_entropy
+
+LOG = logging.getLogger("axolotl_prefalign")
+
+DATASET_TYPE = "axolotl_prefalign.robustft"
+TRAIN_FILE, ALL_FILE, REPORT_FILE = "denoised.jsonl", "all.jsonl", "report.json"
+NEIGHBOURS_FILE = "neighbours.json"
+BASE_EXPERT = "base"
+PREFIX = "robustft_"
+INPUT_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class RobustFTError(RuntimeError):
+    """A RobustFT run that cannot go on (bad input, nothing kept, ...)."""
+
+
+@dataclass
+class DenoiseResult:
+    """What one denoising run produced."""
+
+    out_dir: Path
+    train: Dataset
+    all_rows: Dataset
+    report: dict[str, Any]
+
+
+# ------------------------------------------------------------------ input rows
+
+
+def prepare_rows(
+    ds: Dataset, settings: RobustFTConfig, checker: RowChecker
+) -> tuple[Dataset, dict[int, str]]:
+    """Validate every row and parse its label: (rows to denoise, skipped idx → why).
+
+    Rows get `idx` (position in `ds`), `question`, `options`, `kind`, `label`
+    (canonical answer), `style` (how to write a label back) and `gold`.
+    """
+    f = settings.fields
+    has_options = f.options is not None and f.options in ds.column_names
+    out: list[dict[str, Any]] = []
+    skipped: dict[int, str] = {}
+
+    def bad(idx: int, fld: str, problem: str) -> None:
+        checker.bad(idx, fld, problem)  # raises under on_bad_row: error
+        skipped[idx] = f"{fld}: {problem}"
+
+    for idx, row in enumerate(ds):
+        problem = text_problem(row, f.question)
+        if problem:
+            bad(idx, f.question, problem)
+            continue
+        try:
+            label = label_text(row.get(f.answer))
+        except LabelError as err:
+            bad(idx, f.answer, str(err))
+            continue
+        options = row.get(f.options) if has_options else None
+        if options is not None:
+            problem = _options_problem(options)
+            if problem:
+                bad(idx, f.options, problem)
+                continue
+            options = [o.strip() for o in options]
+        kind = infer_kind(label, options, settings.answer_type)
+        if kind == "choice" and not options:
+            where = f"column {f.options!r}" if f.options else "an options column"
+            bad(idx, f.options or f.answer, f"answer_type choice needs {where}")
+            continue
+        try:
+            canonical, style = parse_label(label, kind, options)
+        except LabelError as err:
+            bad(idx, f.answer, str(err))
+            continue
+        gold = None
+        if settings.gold_field:
+            try:
+                gold, _ = parse_label(row.get(settings.gold_field), kind, options)
+            except LabelError as err:
+                bad(idx, settings.gold_field, str(err))
+                continue
+        out.append(
+            {
+                "idx": idx,
+                "question": row[f.question].strip(),
+                "options": options,
+                "kind": kind,
+                "label": canonical,
+                "style": style,
+                "gold": gold,
+            }
+        )
+    checker.report()
+    return Dataset.from_list(out) if out else Dataset.from_dict({"idx": []}), skipped
+
+
+def _options_problem(options: Any) -> str | None:
+    if not isinstance(options, list):
+        return f"options must be a list of texts, got {type(options).__name__}"
+    if len(options) < 2:
+        return f"needs at least 2 options, got {len(options)}"
+    if len(options) > 26:
+        return f"at most 26 options (letters A-Z), got {len(options)}"
+    for i, opt in enumerate(options):
+        if not isinstance(opt, str) or not opt.strip():
+            return f"option {i} must be non-empty text, got {opt!r}"
+    return None
+
+
+def load_input(ds_cfg: Mapping[str, Any]) -> Dataset:
+    """A local json/jsonl/parquet file named by a `datasets:` entry."""
+    path = Path(str(ds_cfg.get("path", ""))).expanduser()
+    suffixes = "".join(path.suffixes[-2:])
+    fmt = INPUT_FORMATS.get(path.suffix) or (
+        "json" if suffixes in (".json.gz", ".jsonl.gz") else None
+    )
+    if not path.is_file() or fmt is None:
+        raise RobustFTError(
+            f"RobustFT reads local .json/.jsonl/.parquet files; {str(path)!r} is not "
+            "one (no hub or remote datasets)"
+        )
+    from datasets import load_dataset
+
+    return load_dataset(fmt, data_files=str(path), split=ds_cfg.get("split") or "train")
+
+
+# ------------------------------------------------------------- output folder
+
+
+def expert_list(
+    settings: RobustFTConfig, base_model: str | None
+) -> list[tuple[str, str]]:
+    """(name, path) of the experts: the configured ones, else the base model."""
+    if settings.experts:
+        return [(p, p) for p in settings.experts]
+    if not base_model:
+        raise RobustFTError("RobustFT needs base_model (or prefalign.robustft.experts)")
+    return [(BASE_EXPERT, base_model)]
+
+
+def cache_key(
+    settings: RobustFTConfig,
+    ds: Dataset,
+    *,
+    base_model: str | None,
+    on_bad_row: str,
+) -> str:
+    """Hash of the settings, models and input rows that name an output folder."""
+    h = hashlib.sha256()
+    meta = {
+        "robustft": settings.model_dump(mode="json", exclude={"output_dir"}),
+        "base_model": base_model,
+        "on_bad_row": on_bad_row,
+        "version": 1,
+    }
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for row in ds:
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def output_folder(parent: str | Path, source: str, key: str) -> Path:
+    """`<parent>/<input stem>-<key[:12]>`."""
+    stem = Path(source).name.split(".")[0] or "dataset"
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem)
+    return Path(parent).expanduser() / f"{stem}-{key[:12]}"
+
+
+def default_parent(cfg: Mapping[str, Any], settings: RobustFTConfig) -> Path:
+    """`prefalign.robustft.output_dir`, else `<output_dir>/robustft`."""
+    if settings.output_dir:
+        return Path(settings.output_dir).expanduser()
+    return Path(cfg.get("output_dir") or "./model-out") / "robustft"
+
+
+# -------------------------------------------------------------------- models
+
+
+class _Models:
+    """Loads a model on first use and keeps one at a time (experts never share
+    memory); a stage whose shards are all written never loads its model."""
+
+    def __init__(self, load: Callable[[str], Predictor]):
+        self.load = load
+        self.path: str | None = None
+        self.current: Predictor | None = None
+
+    def predictor(self, path: str) -> Predictor:
+        def call(prompts, **kwargs):
+            if self.path != path:
+                self.release()
+                self.current, self.path = self.load(path), path
+            return self.current(prompts, **kwargs)
+
+        return call
+
+    def release(self) -> None:
+        if self.current is None:
+            return
+        self.current = self.path = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name.rstrip("/")).name or name)[:60]
+
+
+# ------------------------------------------------------------------- the run
+
+
+def denoise_dataset(
+    ds: Dataset,
+    settings: RobustFTConfig,
+    out_dir: str | Path,
+    *,
+    base_model: str | None,
+    source: str = "dataset",
+    on_bad_row: str = "error",
+    load_predictor: Callable[[str], Predictor] | None = None,
+    encoder: Encoder | None = None,
+    load_in_4bit: bool = False,
+) -> DenoiseResult:
+    """Detect, relabel and select the noisy rows of `ds`; resumable in `out_dir`.
+
+    `load_predictor(path)` and `encoder` replace the local HF models and the
+    sentence encoder (tests pass fixed replies and a bag-of-words embedding).
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / REPORT_FILE).exists():
+        LOG.info("robustft: %s is complete; reusing it", out_dir)
+        return load_result(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checker = RowChecker(source, on_bad_row)
+    rows, skipped = prepare_rows(ds, settings, checker)
+    experts = expert_list(settings, base_model)
+    relabel_path = base_model or experts[0][1]
+    if load_predictor is None:
+
+        def load_predictor(path: str) -> Predictor:
+            from ..models import resolve_model_path
+
+            return load_model_predictor(
+                resolve_model_path(_alias(path)),
+                batch_size=settings.batch_size,
+                load_in_4bit=load_in_4bit,
+            )
+
+    models = _Models(load_predictor)
+    try:
+        predictions = {}
+        for i, (name, path) in enumerate(experts):
+            writer = ShardWriter(
+                out_dir / "predictions" / f"{i:02d}-{_slug(name)}",
+                meta={"stage": "predict", "expert": name},
+            )
+            predictions[name] = predict_rows(
+                rows,
+                models.predictor(path),
+                reasoning=settings.reasoning,
+                max_new_tokens=settings.max_new_tokens,
+                answer_max_new_tokens=settings.answer_max_new_tokens,
+                batch_size=settings.batch_size,
+                writer=writer,
+                desc=f"predict ({name})",
+            )
+        checked = detect_noise(
+            rows,
+            predictions,
+            agreement=settings.agreement,
+            rel_tol=settings.number_rel_tol,
+        )
+        noisy_mask = checked["noisy"] if len(checked) else []
+        clean = checked.select([i for i, n in enumerate(noisy_mask) if not n])
+        noisy = checked.select([i for i, n in enumerate(noisy_mask) if n])
+        reviewed = _relabel(
+            noisy, clean, settings, models.predictor(relabel_path), encoder, out_dir
+        )
+    finally:
+        models.release()
+    candidates = (
+        reviewed.filter(lambda r: r["new_label"] is not None)
+        if len(reviewed)
+        else reviewed
+    )
+    selected = (
+        select_by_entropy(candidates, settings.select_ratio)
+        if len(candidates)
+        else candidates
+    )
+    result = _write_outputs(
+        ds, settings, out_dir, clean, reviewed, selected, skipped, experts, source
+    )
+    LOG.info("robustft: wrote %s\n%s", out_dir, format_report(result.report))
+    return result
+
+
+def _alias(path: str) -> str:
+    return "default" if path == "prefalign:default" else path
+
+
+def _relabel(
+    noisy: Dataset,
+    clean: Dataset,
+    settings: RobustFTConfig,
+    predictor: Predictor,
+    encoder: Encoder | None,
+    out_dir: Path,
+) -> Dataset:
+    """Retrieval, context-enhanced relabelling and review of the noisy rows."""
+    if len(noisy) == 0:
+        return noisy
+    noisy = _with_neighbours(noisy, clean, settings, encoder, out_dir)
+    contexts = relabel_noisy(
+        noisy,
+        clean,
+        predictor,
+        max_new_tokens=settings.answer_max_new_tokens,
+        batch_size=settings.batch_size,
+        writer=ShardWriter(out_dir / "relabel", meta={"stage": "relabel"}),
+    )
+    by_idx = {r["idx"]: r for r in contexts}
+    merged = Dataset.from_list([{**r, **by_idx[r["idx"]]} for r in noisy])
+    return review_labels(
+        merged,
+        mode=settings.review,
+        rel_tol=settings.number_rel_tol,
+        predictor=predictor,
+        max_new_tokens=settings.answer_max_new_tokens,
+        batch_size=settings.batch_size,
+        writer=(
+            ShardWriter(out_dir / "review", meta={"stage": "review"})
+            if settings.review == "model"
+            else None
+        ),
+    )
+
+
+def _with_neighbours(
+    noisy: Dataset,
+    clean: Dataset,
+    settings: RobustFTConfig,
+    encoder: Encoder | None,
+    out_dir: Path,
+) -> Dataset:
+    """Retrieved clean examples per noisy row, cached in relabel/neighbours.json."""
+    path = out_dir / "relabel" / NEIGHBOURS_FILE
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        nb = {int(k): v for k, v in saved["neighbours"].items()}
+        if set(nb) == set(noisy["idx"]):
+            return noisy.add_column(
+                "neighbours", [nb[i]["idx"] for i in noisy["idx"]]
+            ).add_column("neighbour_sims", [nb[i]["sims"] for i in noisy["idx"]])
+        LOG.warning("robustft: %s does not match the noisy rows; recomputing", path)
+    if len(clean) and encoder is None:
+        encoder = load_encoder(settings.encoder)
+    noisy = retrieve_examples(
+        noisy, clean, encoder, k=settings.k, batch_size=settings.encoder_batch_size
+    )
+    atomic_write_json(
+        path,
+        {
+            "neighbours": {
+                str(r["idx"]): {"idx": r["neighbours"], "sims": r["neighbour_sims"]}
+                for r in noisy
+            }
+        },
+    )
+    return noisy
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def _write_outputs(
+    ds: Dataset,
+    settings: RobustFTConfig,
+    out_dir: Path,
+    clean: Dataset,
+    reviewed: Dataset,
+    selected: Dataset,
+    skipped: Mapping[int, str],
+    experts: Sequence[tuple[str, str]],
+    source: str,
+) -> DenoiseResult:
+    """Write denoised.jsonl, all.jsonl and report.json (last: marks completion)."""
+    answer_field = settings.fields.answer
+    chosen = set(selected["idx"]) if len(selected) else set()
+    info: dict[int, dict[str, Any]] = {}
+    for r in clean:
+        info[r["idx"]] = {**r, "status": "clean", "new": r["label"], "why": None}
+    for r in reviewed:
+        if r["idx"] in chosen:
+            status, why = "relabelled", None
+        elif r["new_label"] is not None:
+            status, why = "dropped", "entropy above the select_ratio cut"
+        else:
+            status, why = "dropped", r["drop_reason"]
+        info[r["idx"]] = {**r, "status": status, "new": r["new_label"], "why": why}
+
+    all_rows, train_rows = [], []
+    for idx, original in enumerate(ds):
+        row = dict(original)
+        if idx in skipped:
+            row.update(
+                {
+                    f"{PREFIX}index": idx,
+                    f"{PREFIX}status": "skipped",
+                    f"{PREFIX}drop_reason": skipped[idx],
+                }
+            )
+            all_rows.append(row)
+            continue
+        r = info[idx]
+        new = (
+            write_label(r["new"], r["kind"], r["style"], r["options"])
+            if r["new"] is not None
+            else None
+        )
+        row.update(
+            {
+                f"{PREFIX}index": idx,
+                f"{PREFIX}status": r["status"],
+                f"{PREFIX}original_answer": original.get(answer_field),
+                f"{PREFIX}new_answer": new,
+                f"{PREFIX}entropy": _finite(r.get("entropy")),
+                f"{PREFIX}experts_agreed": r["experts_agreed"],
+                f"{PREFIX}votes": r["votes"],
+                f"{PREFIX}reasoning_answer": r["reasoning_answer"],
+                f"{PREFIX}context_answer": r.get("context_answer"),
+                f"{PREFIX}neighbours": r.get("neighbours"),
+                f"{PREFIX}drop_reason": r["why"],
+            }
+        )
+        if r["status"] != "dropped":
+            row[answer_field] = new
+            train_rows.append(row)
+        all_rows.append(row)
+
+    report = build_report(
+        ds_len=len(ds),
+        skipped=len(skipped),
+        info=info,
+        experts=[name for name, _ in experts],
+        settings=settings,
+        source=source,
+        rel_tol=settings.number_rel_tol,
+    )
+    report["output_dir"] = str(out_dir)
+    _write_jsonl(out_dir / ALL_FILE, all_rows)
+    _write_jsonl(out_dir / TRAIN_FILE, train_rows)
+    atomic_write_json(out_dir / REPORT_FILE, report)
+    return DenoiseResult(
+        out_dir, _to_dataset(train_rows), _to_dataset(all_rows), report
+    )
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    atomic_write_text(
+        path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _to_dataset(rows: list[dict[str, Any]]) -> Dataset:
+    return Dataset.from_list(rows) if rows else Dataset.from_dict({})
+
+
+def load_result(out_dir: str | Path) -> DenoiseResult:
+    """A finished run read back from its folder."""
+    out_dir = Path(out_dir)
+    report = json.loads((out_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    return DenoiseResult(
+        out_dir,
+        _to_dataset(_read_jsonl(out_dir / TRAIN_FILE)),
+        _to_dataset(_read_jsonl(out_dir / ALL_FILE)),
+        report,
+    )
+
+
+def _rate(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def build_report(
+    *,
+    ds_len: int,
+    skipped: int,
+    info: Mapping[int, Mapping[str, Any]],
+    experts: Sequence[str],
+    settings: RobustFTConfig,
+    source: str,
+    rel_tol: float,
+) -> dict[str, Any]:
+    """Counts per status and, with a gold column, detection and relabel quality."""
+    rows = list(info.values())
+    noisy = [r for r in rows if r["status"] != "clean"]
+    relabelled = [r for r in noisy if r["new"] is not None]
+    selected = [r for r in rows if r["status"] == "relabelled"]
+    report: dict[str, Any] = {
+        "source": source,
+        "rows_in": ds_len,
+        "bad_rows_skipped": skipped,
+        "rows_checked": len(rows),
+        "clean": len(rows) - len(noisy),
+        "noisy": len(noisy),
+        "relabelled": len(relabelled),
+        "selected": len(selected),
+        "dropped": len(noisy) - len(selected),
+        "train_rows": len(rows) - len(noisy) + len(selected),
+        "experts": list(experts),
+        "settings": settings.model_dump(mode="json"),
+        "files": {"train": TRAIN_FILE, "all": ALL_FILE},
+    }
+    if settings.gold_field and rows:
+
+        def right(r: Mapping[str, Any], key: str) -> bool:
+            return answers_match(r[key], r["gold"], r["kind"], rel_tol)
+
+        truly_noisy = [r for r in rows if not right(r, "label")]
+        hit = [r for r in noisy if not right(r, "label")]
+        train = [r for r in rows if r["status"] in ("clean", "relabelled")]
+        report["gold"] = {
+            "field": settings.gold_field,
+            "noise_rate_in": _rate(len(truly_noisy), len(rows)),
+            "detection_precision": _rate(len(hit), len(noisy)),
+            "detection_recall": _rate(len(hit), len(truly_noisy)),
+            "relabel_accuracy": _rate(
+                sum(right(r, "new") for r in relabelled), len(relabelled)
+            ),
+            "selected_accuracy": _rate(
+                sum(right(r, "new") for r in selected), len(selected)
+            ),
+            "label_accuracy_in": _rate(len(rows) - len(truly_noisy), len(rows)),
+            "label_accuracy_out": _rate(
+                sum(right(r, "new") for r in train), len(train)
+            ),
+        }
+    return report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The report as a small aligned table."""
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        f"RobustFT: {report['source']}",
+        f"  rows in               {report['rows_in']:>6}",
+        f"  bad rows skipped      {report['bad_rows_skipped']:>6}",
+        f"  clean                 {report['clean']:>6}",
+        f"  noisy                 {report['noisy']:>6}",
+        f"  relabelled            {report['relabelled']:>6}",
+        f"  selected              {report['selected']:>6}",
+        f"  dropped               {report['dropped']:>6}",
+        f"  training rows         {report['train_rows']:>6}",
+    ]
+    gold = report.get("gold")
+    if gold:
+        lines += [
+            f"  against gold column {gold['field']!r}:",
+            f"  noise in input        {pct(gold['noise_rate_in']):>6}",
+            f"  detection precision   {pct(gold['detection_precision']):>6}",
+            f"  detection recall      {pct(gold['detection_recall']):>6}",
+            f"  relabel accuracy      {pct(gold['relabel_accuracy']):>6}",
+            f"  selected accuracy     {pct(gold['selected_accuracy']):>6}",
+            f"  label accuracy in     {pct(gold['label_accuracy_in']):>6}",
+            f"  label accuracy out    {pct(gold['label_accuracy_out']):>6}",
+        ]
+    if "output_dir" in report:
+        lines.append(f"  output: {report['output_dir']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------ Axolotl entry
+
+
+def robustft_entries(cfg: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The `datasets:` entries with `type: axolotl_prefalign.robustft`."""
+    return [d for d in (cfg.get("datasets") or []) if d.get("type") == DATASET_TYPE]
+
+
+def denoise_entry(
+    cfg: Mapping[str, Any],
+    ds_cfg: Mapping[str, Any],
+    ds: Dataset | None = None,
+    *,
+    load_predictor: Callable[[str], Predictor] | None = None,
+    encoder: Encoder | None = None,
+) -> DenoiseResult:
+    """Denoise one `datasets:` entry into its keyed output folder (or reuse it)."""
+    from ..plugin import prefalign_config
+
+    pa = prefalign_config(cfg)
+    settings = pa.robustft
+    if ds is None:
+        ds = load_input(ds_cfg)
+    base_model = cfg.get("base_model")
+    key = cache_key(settings, ds, base_model=base_model, on_bad_row=pa.on_bad_row)
+    source = str(ds_cfg.get("path", "dataset"))
+    out_dir = output_folder(default_parent(cfg, settings), source, key)
+    return denoise_dataset(
+        ds,
+        settings,
+        out_dir,
+        base_model=base_model,
+        source=source,
+        on_bad_row=pa.on_bad_row,
+        load_predictor=load_predictor,
+        encoder=encoder,
+        load_in_4bit=bool(cfg.get("load_in_4bit")),
+    )
+
+
+def denoise_from_config(
+    cfg: Mapping[str, Any],
+    *,
+    load_predictor: Callable[[str], Predictor] | None = None,
+    encoder: Encoder | None = None,
+    echo: Callable[[str], Any] = print,
+) -> list[DenoiseResult]:
+    """`axolotl prefalign denoise CONFIG`: denoise every RobustFT dataset entry."""
+    entries = robustft_entries(cfg)
+    if not entries:
+        raise RobustFTError(
+            f"no `datasets:` entry has `type: {DATASET_TYPE}`; RobustFT denoises "
+            "those entries only"
+        )
+    results = []
+    for ds_cfg in entries:
+        result = denoise_entry(
+            cfg, ds_cfg, load_predictor=load_predictor, encoder=encoder
+        )
+        echo(format_report(result.report))
+        results.append(result)
+    return results
