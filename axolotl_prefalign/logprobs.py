@@ -46,14 +46,12 @@ def _logits_into(
         # Straight into the buffer: no [chunk, V] temporary, no fresh page faults.
         if bias is None:
             torch.mm(hidden, weight.t(), out=out)
-            if alpha != 1:
-                out.mul_(alpha)
         else:
-            torch.addmm(bias, hidden, weight.t(), alpha=alpha, beta=alpha, out=out)
+            torch.addmm(bias, hidden, weight.t(), out=out)
     else:
         # bf16/fp16: the product in the input dtype, the softmax in fp32.
-        out.copy_(F.linear(hidden, weight, bias)).mul_(alpha)
-    return out
+        out.copy_(F.linear(hidden, weight, bias))
+    return out if alpha == 1 else out.mul_(alpha)
 
 
 def _add_logits_(
@@ -254,13 +252,19 @@ def mixed_token_logprobs(
             f"policy and reference vocabularies differ: {weight.shape[0]} vs "
             f"{ref_weight.shape[0]}"
         )
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    ref_dtype = torch.promote_types(ref_hidden.dtype, ref_weight.dtype)
+    weight, ref_weight = weight.to(dtype), ref_weight.to(ref_dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    ref_bias = ref_bias.to(ref_dtype) if ref_bias is not None else None
     flat_mask = mask.reshape(-1)
     index = flat_mask.nonzero().squeeze(1)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).to(dtype)
     ref_rows = ref_hidden.reshape(-1, ref_hidden.shape[-1]).index_select(0, index)
+    ref_rows = ref_rows.to(ref_dtype)
     targets = labels.reshape(-1).index_select(0, index).long()
     n = rows.shape[0]
-    acc = _acc_dtype(torch.promote_types(rows.dtype, weight.dtype))
+    acc = _acc_dtype(torch.promote_types(dtype, ref_dtype))
     logps = rows.new_empty(n, dtype=acc)
     buf = rows.new_empty(min(chunk_size, n), weight.shape[0], dtype=acc)
     for start in range(0, n, chunk_size):

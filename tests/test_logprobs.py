@@ -309,3 +309,17 @@ def test_sequence_logprobs_sum_and_mean_over_labelled_tokens():
     assert sequence_logprobs(token_lp, labels, average=True).tolist() == [-2.5, -0.5]
     empty = torch.full((1, 3), -100)
     assert sequence_logprobs(torch.zeros(1, 3), empty, average=True).tolist() == [0.0]
+
+
+def test_mixed_dtypes_are_promoted():
+    hidden, weight, bias, labels = make_case(2, 9, 16, 40)
+    w16 = weight.bfloat16().requires_grad_(True)
+    out = token_logprobs(hidden, w16, labels, bias=bias)
+    want = plain_token_logprobs(hidden, w16.detach().float(), labels, bias)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert w16.grad.dtype == torch.bfloat16
+    ref16 = hidden.bfloat16()
+    mixed = mixed_token_logprobs(hidden, ref16, weight, labels, mix=1.5, bias=bias)
+    want = plain_mixed(hidden, ref16.float(), weight, weight, bias, bias, labels, 1.5)
+    torch.testing.assert_close(mixed, want, rtol=1e-2, atol=5e-2)
