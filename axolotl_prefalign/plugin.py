@@ -23,6 +23,17 @@ def prefalign_config(cfg: Any) -> PrefAlignConfig:
     return PrefAlignConfig.from_raw(raw)
 
 
+def _use_axolotl_logging() -> None:
+    # Axolotl configures handlers for its own "axolotl" logger only; ours would
+    # fall through to the root logger (WARNING) and hide INFO progress messages.
+    ours, theirs = LOG, logging.getLogger("axolotl")
+    if theirs.handlers and not ours.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(theirs.level)
+        ours.propagate = False
+
+
 def _salt_dataset_hash() -> None:
     # Axolotl's prepared-dataset hash ignores plugin settings; our formats depend on
     # `prefalign:` (template, masking, denoising), so a changed setting must not
@@ -72,6 +83,7 @@ class PrefAlignPlugin(BasePlugin):
         # Runs on the raw YAML before Axolotl's schema drops unknown keys: validate
         # our block here so a typo fails loudly, and install our trainer class.
         os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+        _use_axolotl_logging()
         pa = prefalign_config(cfg)
         _salt_dataset_hash()
         _resolve_default_model(cfg)

@@ -40,3 +40,41 @@ def test_axolotl_train_qlora_with_plugin_saves_adapter(tiny_model_dir, tmp_path)
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4
     assert adapter["peft_type"] == "LORA"
+
+
+def test_axolotl_train_dpo_runs_prefalign_trainer_with_qlora(tiny_model_dir, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [
+        {
+            "prompt": f"What is {i} plus {i}?",
+            "chosen": f"{2 * i}",
+            "rejected": f"{2 * i + 1}",
+        }
+        for i in range(12)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cfg = tiny_train_cfg(
+        tiny_model_dir,
+        out,
+        rl="dpo",
+        rl_beta=0.1,
+        datasets=[
+            {"path": str(data), "ds_type": "json", "type": "chatml.prompt_pairs"}
+        ],
+        adapter="qlora",
+        load_in_4bit=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_linear=True,
+        prefalign={"loss": "sigmoid", "chunk_size": 16},
+    )
+    proc = run_axolotl_train(cfg, tmp_path)
+    assert proc.returncode == 0
+    log = proc.stdout + proc.stderr
+    assert (
+        "prefalign: using trainer axolotl_prefalign.trainers.PrefAlignDPOTrainer" in log
+    )
+    assert "rewards/margins" in log
+    assert (out / "adapter_model.safetensors").exists()
