@@ -534,10 +534,18 @@ def test_spa_loop_end_to_end_on_the_cpu(tmp_path, tiny_model_dir):
     assert (out / "iter_2/merged/config.json").exists()
     trained = yaml.safe_load((out / "iter_2/config.yml").read_text())
     assert trained["prefalign"]["loss"] == "spa"
+
     # A second run finds every stage done and starts no subprocess.
+    def stage_logs():
+        names = ("train.log", "merge.log", "expand.log")
+        return {p: p.stat().st_mtime_ns for n in names for p in out.rglob(n)}
+
+    logs = stage_logs()
+    assert len(logs) == 8
     again = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
-    assert again.returncode == 0
-    assert "already done, skipped" in again.stdout + again.stderr
-    assert "running" not in (again.stdout + again.stderr).replace("already", "")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stage_logs() == logs
+    assert json.loads((out / "spa_state.json").read_text()) == state
+    assert "|margin|" in again.stdout  # the summary table

@@ -667,7 +667,8 @@ def training_stats(d: Path) -> dict[str, Any]:
     stats: dict[str, Any] = {"logged_steps": len(steps)}
     if final:
         stats["train_loss"] = float(final[-1]["train_loss"])
-    for key in ("loss", "rewards/accuracies", "rewards/margins"):
+    spa_keys = sorted({k for h in steps for k in h if k.startswith("spa/")})
+    for key in ("loss", "rewards/accuracies", "rewards/margins", *spa_keys):
         values = [float(h[key]) for h in steps if key in h]
         if values:
             stats[f"last_{key}"] = values[-1]
