@@ -452,6 +452,81 @@ def test_full_finetuning_judges_against_a_separate_base(tmp_path, tiny_model_dir
     assert spec.init_path == str(tiny_model_dir)
 
 
+def test_policy_spec_for_an_explicit_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = {"base_model": str(tiny_model_dir), "output_dir": str(tmp_path)}
+    adapter = tmp_path / "my-adapter"
+    _random_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter, 0)
+    spec = policy_spec(cfg, 1, model_path=str(adapter))
+    # An adapter on the original base: π_init is that base with the adapter off.
+    assert spec.base == str(tiny_model_dir) and spec.init_path is None
+    full = policy_spec(cfg, 1, model_path=str(tiny_model_dir))
+    assert full.adapters == [] and full.init_path == str(tiny_model_dir)
+
+
+def test_expand_from_config_judges_with_the_loop_layout(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_prefalign.cli import load_config
+    from axolotl_prefalign.spa import loop as loop_mod
+    from axolotl_prefalign.spa.loop import expand_from_config
+
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", 4)
+    out = tmp_path / "out"
+    _random_adapter(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "iter_0", 0
+    )
+    raw = {
+        "base_model": str(tiny_model_dir),
+        "plugins": [PLUGIN],
+        "prefalign": {
+            "spa": {
+                "iterations": 2,
+                "max_new_tokens": 5,
+                "prompts": [{"path": str(prompts)}],
+            }
+        },
+        "rl": "dpo",
+        "datasets": [
+            {
+                "path": str(REPO / "axolotl_prefalign/data/spa_seed_example.jsonl"),
+                "ds_type": "json",
+                "type": "axolotl_prefalign.spa_pairs",
+            }
+        ],  # fmt: skip
+        "output_dir": str(out),
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_linear": True,
+        "micro_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-4,
+        "num_epochs": 1,
+        "sequence_len": 256,
+        "bf16": False,
+        "fp16": False,
+    }
+    path = tmp_path / "spa.yml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    summary = expand_from_config(cfg, 1)
+    assert summary["prompts"] == 2  # 4 prompts split into 2 iterations
+    manifest = json.loads((out / "iter_1/pairs/manifest.json").read_text())
+    assert manifest["meta"]["model"].endswith("iter_0")
+    assert manifest["meta"]["init_model"] == "adapter-disabled"
+    judged = [*read_shards(out / "iter_1/pairs"), *read_shards(out / "iter_1/dropped")]
+    assert sorted(r["index"] for r in judged) == [0, 1]  # iteration 1's part
+    # Finished: the second call returns the summary without loading a model.
+    monkeypatch.setattr(loop_mod, "load_policy", None)
+    assert expand_from_config(cfg, 1) == summary
+    with pytest.raises(SpaLoopError, match="--iteration must be in 1..2"):
+        expand_from_config(cfg, 3)
+
+
 # -- end to end ------------------------------------------------------------------------
 
 

@@ -450,12 +450,8 @@ def expand_from_config(
 def run_command(cmd: list[str], log_path: Path) -> None:
     """Run one stage as a subprocess, teeing its output to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    # Inherit the caller's environment (HF_HUB_OFFLINE included); no telemetry.
+    env = {"AXOLOTL_DO_NOT_TRACK": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
     LOG.info("SPA: running %s (log: %s)", " ".join(cmd), log_path)
     with (
         open(log_path, "w", encoding="utf-8") as log,
