@@ -1,0 +1,756 @@
+"""Plaintext contrast SFT: a preference pair as one SFT example (METHODS.md §2).
+
+`type: axolotl_prefalign.contrast` in an Axolotl SFT config renders each pair
+(x, y_w, y_l) as
+
+    Instruction: <instruction>
+    Question: <x>
+    Negative answer: <y_l>
+    Positive answer: <y_w><eos>
+
+and masks the labels so that only the positive answer and its end token carry
+loss. Rows are tokenized by parts (prefix | answer | end token), so the label
+boundary is exact whatever the tokenizer merges across the marker, and the prefix
+of a positive-only row is byte for byte what `build_inference_prompt` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .args import ContrastConfig, ContrastFields, PrefAlignConfig
+from .rows import BadRowError, RowChecker, text_problem
+
+LOG = logging.getLogger("axolotl_prefalign")
+
+IGNORE_INDEX = -100
+TYPE_NAME = "axolotl_prefalign.contrast"
+NEGATIVE_LABELS = "negative_labels"
+_STATUS = "_prefalign_contrast_status"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "en": {
+        "parts": {
+            "system": "{system}",
+            "instruction": "Instruction: {instruction}",
+            "turn": "{role}: {content}",
+            "question": "Question: {question}",
+            "negative": "Negative answer: {negative}",
+            "positive": "Positive answer: {positive}",
+        },
+        "roles": {"system": "System", "user": "User", "assistant": "Assistant"},
+        "instruction": "Answer the question accurately. A negative answer, when one "
+        "is given, is an example of a wrong answer.",
+    },
+    "zh": {
+        "parts": {
+            "system": "{system}",
+            "instruction": "指令：{instruction}",
+            "turn": "{role}：{content}",
+            "question": "问题：{question}",
+            "negative": "消极回答：{negative}",
+            "positive": "积极回答：{positive}",
+        },
+        "roles": {"system": "系统", "user": "用户", "assistant": "助手"},
+        "instruction": "请准确回答问题。如果给出了消极回答，它是一个错误答案的示例。",
+    },
+}
+
+# Private-use characters stand in for the row's texts while the template (or the
+# model's chat template) is rendered; their positions in the result give the exact
+# character spans of question, negative and positive answer.
+_SENTINELS = {"question": "\ue000", "negative": "\ue001", "positive": "\ue002"}
+
+
+class _RowProblem(Exception):
+    """A bad row: the field and what is wrong with it (turned into BadRowError)."""
+
+    def __init__(self, fld: str | None, problem: str):
+        super().__init__(problem)
+        self.field, self.problem = fld, problem
+
+
+@dataclass(frozen=True)
+class ContrastPair:
+    """One validated preference row: question, answers and optional context."""
+
+    question: str
+    positive: str
+    negative: str
+    instruction: str | None = None
+    system: str | None = None
+    context: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Piece:
+    """A span of the rendered row and what it is (an `end` without text = EOS)."""
+
+    kind: str  # context | question | negative | positive | end
+    text: str = ""
+
+
+@dataclass
+class EncodedRow:
+    """Token ids with one kind per token, plus what truncation did to the row."""
+
+    ids: list[int]
+    kinds: list[str]
+    positive_only: bool
+    truncation: tuple[str, ...] = ()
+
+    @property
+    def labels(self) -> list[int]:
+        """Loss on the positive answer and its end token only."""
+        return [
+            i if k in ("positive", "end") else IGNORE_INDEX
+            for i, k in zip(self.ids, self.kinds, strict=True)
+        ]
+
+    @property
+    def negative_labels(self) -> list[int]:
+        """The negative answer's ids (for the unlikelihood term); -100 elsewhere."""
+        return [
+            i if k == "negative" else IGNORE_INDEX
+            for i, k in zip(self.ids, self.kinds, strict=True)
+        ]
+
+
+def is_positive_only(index: int, ratio: float, seed: int) -> bool:
+    """Whether row `index` is rendered without a negative slot (fixed by seed)."""
+    if ratio <= 0.0:
+        return False
+    if ratio >= 1.0:
+        return True
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < ratio
+
+
+def _contrast_config(config: Any) -> ContrastConfig:
+    if config is None:
+        return ContrastConfig()
+    if isinstance(config, ContrastConfig):
+        return config
+    if isinstance(config, PrefAlignConfig):
+        return config.contrast
+    from .plugin import prefalign_config
+
+    return prefalign_config(config).contrast
+
+
+# ---------------------------------------------------------------------------
+# Row parsing and validation
+
+
+def _messages(value: Any, fld: str) -> tuple[str, tuple[tuple[str, str], ...], Any]:
+    """Question (last user message), earlier turns and a leading system message."""
+    if not value:
+        raise _RowProblem(fld, "empty message list")
+    msgs = []
+    for j, m in enumerate(value):
+        role = m.get("role") if isinstance(m, Mapping) else None
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise _RowProblem(fld, f"message {j} needs text 'role' and 'content'")
+        msgs.append((role, content))
+    system = None
+    if msgs[0][0] == "system":
+        system, msgs = msgs[0][1], msgs[1:]
+    users = [j for j, (role, _) in enumerate(msgs) if role == "user"]
+    if not users:
+        raise _RowProblem(fld, "has no user message (the question)")
+    last = users[-1]
+    if last != len(msgs) - 1:
+        raise _RowProblem(
+            fld,
+            f"must end with the user message that asks the question; got a "
+            f"trailing {msgs[-1][0]!r} message",
+        )
+    question = msgs[last][1].strip()
+    if not question:
+        raise _RowProblem(fld, "the last user message is empty")
+    return question, tuple(msgs[:last]), system
+
+
+def _answer(row: Mapping[str, Any], fld: str) -> str:
+    value = row.get(fld)
+    # TRL's conversational format: [{"role": "assistant", "content": ...}]
+    if isinstance(value, list) and value and isinstance(value[-1], Mapping):
+        if value[-1].get("role") == "assistant":
+            value = value[-1].get("content")
+            row = {fld: value}
+    problem = text_problem(row, fld)
+    if problem:
+        raise _RowProblem(fld, problem)
+    return value.strip()
+
+
+def _optional_text(row: Mapping[str, Any], fld: str) -> str | None:
+    value = row.get(fld)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise _RowProblem(fld, f"must be text, got {type(value).__name__}")
+    return value.strip()
+
+
+def parse_row(row: Mapping[str, Any], fields: ContrastFields) -> ContrastPair:
+    """Validate a preference row and return its parts (raises on a bad row)."""
+    context: tuple[tuple[str, str], ...] = ()
+    msg_system = None
+    prompt = row.get(fields.prompt)
+    prompt_field = fields.prompt
+    if prompt is None and row.get(fields.messages) is not None:
+        prompt, prompt_field = row[fields.messages], fields.messages
+    if isinstance(prompt, list):
+        question, context, msg_system = _messages(prompt, prompt_field)
+    else:
+        problem = text_problem(row, fields.prompt)
+        if problem == "missing":
+            problem = f"missing (and no {fields.messages!r} message list)"
+        if problem:
+            raise _RowProblem(fields.prompt, problem)
+        question = prompt.strip()
+    positive = _answer(row, fields.chosen)
+    negative = _answer(row, fields.rejected)
+    if positive == negative:
+        raise _RowProblem(fields.rejected, "identical to the chosen answer")
+    instruction = _optional_text(row, fields.instruction)
+    system = (
+        msg_system if msg_system is not None else _optional_text(row, fields.system)
+    )
+    return ContrastPair(question, positive, negative, instruction, system, context)
+
+
+# ---------------------------------------------------------------------------
+# Rendering and tokenization
+
+
+class ContrastFormat:
+    """Renders and tokenizes preference rows as contrast SFT examples.
+
+    Axolotl gets it from `load` and calls `wrap_dataset` (it is registered as a
+    `DatasetWrappingStrategy`): the whole dataset is seen at once, so row indices
+    are known (positive-only choice, error messages) and skipped rows are counted.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: ContrastConfig | None = None,
+        *,
+        sequence_len: int = 2048,
+        source: str = "contrast dataset",
+        on_bad_row: str = "error",
+    ):
+        self.tokenizer = tokenizer
+        self.config = config or ContrastConfig()
+        self.sequence_len = sequence_len
+        self.source = source
+        self.on_bad_row = on_bad_row
+        RowChecker(source, on_bad_row)  # validates the policy name
+        preset = PRESETS[self.config.preset]
+        self.parts = {**preset["parts"], **(self.config.template or {})}
+        self.roles = preset["roles"]
+        self.default_instruction = (
+            preset["instruction"]
+            if self.config.instruction is None
+            else self.config.instruction
+        )
+        self.bos_text = ""
+        if tokenizer is None:
+            return
+        if self.config.mode == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    "prefalign.contrast.mode: chat needs a tokenizer with a chat "
+                    "template (set `chat_template:` in the YAML, or use mode: raw)"
+                )
+        else:
+            if tokenizer.eos_token_id is None:
+                raise ValueError(
+                    "prefalign.contrast.mode: raw ends the positive answer with the "
+                    "EOS token, but the tokenizer has none (set "
+                    "special_tokens.eos_token)"
+                )
+            # Raw text carries the BOS the tokenizer would add, as text, so that the
+            # prompt string alone (tokenized without special tokens, as generation
+            # does) reproduces the training prefix.
+            bos = tokenizer.bos_token_id
+            with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+            if bos is not None and with_special[:1] == [bos]:
+                self.bos_text = tokenizer.bos_token
+
+    # -- rendering ---------------------------------------------------------
+
+    def _fill(self, key: str, **values: str) -> str:
+        return self.parts[key].format(**values)
+
+    def _role(self, role: str) -> str:
+        return self.roles.get(role, role.capitalize())
+
+    def render(self, pair: ContrastPair, positive_only: bool) -> list[Piece]:
+        """The row as pieces of text; question/answers are separate pieces."""
+        s = _SENTINELS
+        instruction = (
+            pair.instruction
+            if pair.instruction is not None
+            else self.default_instruction
+        )
+        head = []
+        if instruction:
+            head.append(self._fill("instruction", instruction=instruction))
+        question = self._fill("question", question=s["question"])
+        negative = (
+            None if positive_only else self._fill("negative", negative=s["negative"])
+        )
+        positive = self._fill("positive", positive=s["positive"])
+        neg_first = self.config.order == "negative_first"
+        if self.config.mode == "raw":
+            lines = [self._fill("system", system=pair.system)] if pair.system else []
+            lines += head
+            lines += [
+                self._fill("turn", role=self._role(role), content=content)
+                for role, content in pair.context
+            ]
+            lines.append(question)
+            if negative and neg_first:
+                lines.append(negative)
+            lines.append(positive)
+            if negative and not neg_first:
+                lines.append(negative)
+            text = self.bos_text + "\n".join(lines)
+        else:
+            # Chat: the contrast text up to the positive-answer marker is the user
+            # turn, the positive answer is the assistant reply; a negative placed
+            # after the positive one becomes a further user turn (no loss).
+            marker = positive[: positive.index(s["positive"])].rstrip()
+            user = head + [question]
+            if negative and neg_first:
+                user.append(negative)
+            if marker:
+                user.append(marker)
+            messages = (
+                [{"role": "system", "content": pair.system}] if pair.system else []
+            )
+            messages += [{"role": r, "content": c} for r, c in pair.context]
+            messages.append({"role": "user", "content": "\n".join(user)})
+            messages.append({"role": "assistant", "content": s["positive"]})
+            if negative and not neg_first:
+                messages.append({"role": "user", "content": negative})
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        values = {
+            "question": pair.question,
+            "negative": None if positive_only else pair.negative,
+            "positive": pair.positive,
+        }
+        return self._split(text, values)
+
+    def _split(self, text: str, values: Mapping[str, str | None]) -> list[Piece]:
+        spans = []
+        for kind, sentinel in _SENTINELS.items():
+            if values[kind] is None:
+                continue
+            if text.count(sentinel) != 1:
+                where = "chat template" if self.config.mode == "chat" else "template"
+                raise ValueError(
+                    f"the {where} does not put the {kind} text into the rendered row "
+                    "exactly once (a chat template must insert message content "
+                    "verbatim; row texts must not contain U+E000-U+E002)"
+                )
+            spans.append((text.index(sentinel), kind))
+        pieces, pos = [], 0
+        for start, kind in sorted(spans):
+            pieces.append(Piece("context", text[pos:start]))
+            pieces.append(Piece(kind, values[kind]))
+            pos = start + 1
+            if kind == "positive":
+                # The end token: EOS in raw mode, the chat template's first token
+                # after the answer (its end-of-turn token) in chat mode.
+                rest_end = min([s for s, _ in spans if s > start] + [len(text)])
+                rest = text[pos:rest_end]
+                # An end piece without text stands for the EOS token.
+                if self.config.mode == "raw" or not rest:
+                    pieces.append(Piece("end"))
+                    pieces.append(Piece("context", rest))
+                else:
+                    pieces.append(Piece("end", rest))
+                pos = rest_end
+        pieces.append(Piece("context", text[pos:]))
+        return [p for p in pieces if p.text or p.kind in ("positive", "end")]
+
+    def _eos_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no EOS token to end the answer with")
+        return eos
+
+    def prompt_text(self, pair: ContrastPair) -> str:
+        """The positive-only training prefix: everything before the answer."""
+        out = []
+        for piece in self.render(pair, positive_only=True):
+            if piece.kind == "positive":
+                return "".join(out)
+            out.append(piece.text)
+        raise AssertionError("rendered row has no positive answer")
+
+    # -- tokenization ------------------------------------------------------
+
+    def _encode(self, pieces: list[Piece], split_question: bool) -> list[list]:
+        """[ids, kinds]: runs of context are tokenized as one text, so a
+        positive-only prefix tokenizes exactly like the inference prompt."""
+        units: list[Piece] = []
+        for p in pieces:
+            joinable = p.kind == "context" or (
+                p.kind == "question" and not split_question
+            )
+            if joinable and units and units[-1].kind == "context":
+                units[-1] = Piece("context", units[-1].text + p.text)
+            elif joinable:
+                units.append(Piece("context", p.text))
+            else:
+                units.append(p)
+        ids: list[int] = []
+        kinds: list[str] = []
+        for u in units:
+            if u.kind == "end" and not u.text:
+                part = [self._eos_id()]
+            elif u.text:
+                part = self.tokenizer(u.text, add_special_tokens=False)["input_ids"]
+            else:
+                continue
+            if u.kind == "end":
+                # Only the first token (the end-of-turn token) carries loss.
+                kinds += ["end"] + ["context"] * (len(part) - 1)
+            else:
+                kinds += [u.kind] * len(part)
+            ids += part
+        return [ids, kinds]
+
+    def encode_pair(self, pair: ContrastPair, index: int) -> EncodedRow:
+        """Tokenize a pair, shortening negative then question to fit sequence_len."""
+        limit = self.sequence_len
+        pos_only = is_positive_only(
+            index, self.config.positive_only_ratio, self.config.seed
+        )
+        done: list[str] = []
+        ids, kinds = self._encode(self.render(pair, pos_only), split_question=False)
+        if len(ids) > limit and not pos_only:
+            excess = len(ids) - limit
+            negative_at = [j for j, k in enumerate(kinds) if k == "negative"]
+            if excess < len(negative_at):
+                # Keep the start of the negative answer.
+                drop = set(negative_at[-excess:])
+                ids = [t for j, t in enumerate(ids) if j not in drop]
+                kinds = [k for j, k in enumerate(kinds) if j not in drop]
+                done.append("negative_shortened")
+            else:
+                pos_only = True
+                ids, kinds = self._encode(self.render(pair, True), split_question=False)
+                done.append("negative_removed")
+        if len(ids) > limit:
+            ids, kinds = self._encode(self.render(pair, pos_only), split_question=True)
+            excess = len(ids) - limit
+            question_at = [j for j, k in enumerate(kinds) if k == "question"]
+            if excess >= len(question_at):
+                n_answer = sum(k in ("positive", "end") for k in kinds)
+                rest = len(ids) - len(question_at)
+                raise _RowProblem(
+                    self.config.fields.chosen,
+                    f"the positive answer ({n_answer} tokens with its end token) "
+                    f"does not fit in sequence_len={limit}: {rest} tokens remain "
+                    "without the negative answer and the question",
+                )
+            # Keep the end of the question (where the actual ask usually is).
+            drop = set(question_at[:excess])
+            ids = [t for j, t in enumerate(ids) if j not in drop]
+            kinds = [k for j, k in enumerate(kinds) if j not in drop]
+            done.append("question_shortened")
+        return EncodedRow(ids, kinds, pos_only, tuple(done))
+
+    def encode_row(self, row: Mapping[str, Any], index: int) -> EncodedRow:
+        """Validate and tokenize one raw row; a bad row raises `BadRowError`."""
+        try:
+            return self.encode_pair(parse_row(row, self.config.fields), index)
+        except _RowProblem as err:
+            raise BadRowError(self.source, index, err.field, err.problem) from None
+
+    def features(self, encoded: EncodedRow) -> dict[str, list[int]]:
+        """input_ids / attention_mask / labels (+ negative_labels when used)."""
+        out = {
+            "input_ids": encoded.ids,
+            "attention_mask": [1] * len(encoded.ids),
+            "labels": encoded.labels,
+        }
+        if self.config.unlikelihood_weight > 0:
+            out[NEGATIVE_LABELS] = encoded.negative_labels
+        return out
+
+    def tokenize_row(self, row: Mapping[str, Any], index: int) -> dict[str, list[int]]:
+        """One row's training features; a bad row raises `BadRowError`."""
+        return self.features(self.encode_row(row, index))
+
+    # -- Axolotl dataset hook ------------------------------------------------
+
+    def _map_row(self, row: Mapping[str, Any], index: int) -> dict[str, Any]:
+        try:
+            encoded = self.encode_pair(parse_row(row, self.config.fields), index)
+        except _RowProblem as err:
+            empty = self.features(EncodedRow([], [], False))
+            return {**empty, _STATUS: f"bad\t{err.field or ''}\t{err.problem}"}
+        status = list(encoded.truncation) + (["positive_only"] * encoded.positive_only)
+        return {**self.features(encoded), _STATUS: ",".join(status)}
+
+    def wrap_dataset(
+        self,
+        dataset: Any,
+        process_count: int | None = None,
+        keep_in_memory: bool | None = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Tokenize a whole dataset; bad rows raise, or are dropped and counted."""
+        from datasets import Dataset
+
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"{self.source}: the contrast format needs a map-style dataset "
+                "(streaming datasets are not supported)"
+            )
+        # Bad rows are recorded in a status column rather than raised inside map():
+        # that works with num_proc > 1 and lets the error name the FIRST bad row.
+        mapped = dataset.map(
+            self._map_row,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=process_count,
+            keep_in_memory=bool(keep_in_memory),
+            desc="Rendering contrast rows",
+        )
+        statuses = mapped[_STATUS]
+        bad = [(j, s) for j, s in enumerate(statuses) if s.startswith("bad\t")]
+        checker = RowChecker(self.source, self.on_bad_row)
+        if bad and self.on_bad_row == "error" and len(bad) > 1:
+            LOG.error("%s: %d bad rows; the first one:", self.source, len(bad))
+        for j, status in bad:
+            _, fld, problem = status.split("\t", 2)
+            checker.bad(j, fld or None, problem)
+        checker.report()
+        if bad:
+            mapped = mapped.filter(
+                lambda s: not s.startswith("bad\t"), input_columns=_STATUS
+            )
+        counts = Counter(
+            tag
+            for s in statuses
+            if s and not s.startswith("bad\t")
+            for tag in s.split(",")
+        )
+        self._log_counts(len(statuses) - len(bad), counts)
+        return mapped.remove_columns(_STATUS)
+
+    def _log_counts(self, n_rows: int, counts: Counter) -> None:
+        if n_rows:
+            LOG.info(
+                "%s: %d contrast rows (%d positive-only)",
+                self.source,
+                n_rows,
+                counts["positive_only"],
+            )
+        cut = {k: v for k, v in counts.items() if k != "positive_only"}
+        if cut:
+            LOG.warning(
+                "%s: rows shortened to fit sequence_len=%d: %s",
+                self.source,
+                self.sequence_len,
+                ", ".join(
+                    f"{k.replace('_', ' ')}: {v}" for k, v in sorted(cut.items())
+                ),
+            )
+
+
+def _source_name(ds_cfg: Any) -> str:
+    if not ds_cfg:
+        return "contrast dataset"
+    get = ds_cfg.get if hasattr(ds_cfg, "get") else lambda k: getattr(ds_cfg, k, None)
+    path = get("path") or "contrast dataset"
+    files = get("data_files")
+    return f"{path} ({files})" if files else str(path)
+
+
+def load(tokenizer: Any, cfg: Any, ds_cfg: Any = None) -> ContrastFormat:
+    """Axolotl SFT dataset type `axolotl_prefalign.contrast`."""
+    from axolotl.prompt_tokenizers import DatasetWrappingStrategy
+
+    from .plugin import prefalign_config
+
+    # A virtual subclass: Axolotl then hands us the whole dataset (wrap_dataset),
+    # while importing this module stays free of Axolotl.
+    DatasetWrappingStrategy.register(ContrastFormat)
+    pa = prefalign_config(cfg)
+    return ContrastFormat(
+        tokenizer,
+        pa.contrast,
+        sequence_len=int(cfg.get("sequence_len") or 2048),
+        source=_source_name(ds_cfg),
+        on_bad_row=pa.on_bad_row,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Inference, collation, preview
+
+
+def build_inference_prompt(
+    question: str | Sequence[Mapping[str, str]],
+    *,
+    tokenizer: Any = None,
+    config: Any = None,
+    instruction: str | None = None,
+    system: str | None = None,
+    context: Sequence[Mapping[str, str]] = (),
+) -> str:
+    """The training prefix of a positive-only row, up to the positive-answer marker.
+
+    Tokenize the result with `add_special_tokens=False` (any BOS is in the text).
+    `question` may be a chat message list (last user message = the question). Chat
+    mode and the raw-mode BOS need the tokenizer.
+    """
+    contrast = _contrast_config(config)
+    if contrast.mode == "chat" and tokenizer is None:
+        raise ValueError("mode: chat renders through the tokenizer's chat template")
+    fmt = ContrastFormat(tokenizer, contrast, sequence_len=sys.maxsize)
+    turns = tuple((m["role"], m["content"]) for m in context)
+    if not isinstance(question, str):
+        try:
+            question, more, msg_system = _messages(list(question), "question")
+        except _RowProblem as err:
+            raise ValueError(f"question: {err.problem}") from None
+        turns += more
+        system = system if system is not None else msg_system
+    pair = ContrastPair(question.strip(), "", "", instruction, system, turns)
+    return fmt.prompt_text(pair)
+
+
+def collator_for(cfg: Any, is_eval: bool = False) -> tuple[type, dict[str, Any]]:
+    """(collator class, kwargs) for Axolotl's SFT builder: pads negative_labels too."""
+    from .trainers.contrast_sft import (
+        ContrastBatchSamplerCollator,
+        ContrastDataCollator,
+        ContrastV2BatchSamplerCollator,
+    )
+
+    packed = cfg.get("eval_sample_packing") if is_eval else cfg.get("sample_packing")
+    if not packed:
+        return ContrastDataCollator, {}
+    # The same choice Axolotl's builder makes between its two packing collators.
+    from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
+
+    attn = cfg.get("attn_implementation")
+    model_type = cfg.get("model_config_type")
+    if (
+        attn == "flex_attention"
+        or model_type in SUPPORTED_MULTIPACK_MODEL_TYPES
+        or (model_type == "llama" and attn != "flash_attention_2")
+    ):
+        return ContrastV2BatchSamplerCollator, {}
+    return ContrastBatchSamplerCollator, {}
+
+
+_MARKS = {
+    "loss": ("⟦", "⟧", "\x1b[1;32m", "\x1b[0m"),
+    "negative": ("⟨", "⟩", "\x1b[31m", "\x1b[0m"),
+}
+
+
+def render_marked(fmt: ContrastFormat, encoded: EncodedRow, color: bool = False) -> str:
+    """Decoded row with the loss span in ⟦ ⟧ (and unlikelihood span in ⟨ ⟩)."""
+    show_negative = fmt.config.unlikelihood_weight > 0
+
+    def mark(kind: str) -> str | None:
+        if kind in ("positive", "end"):
+            return "loss"
+        return "negative" if kind == "negative" and show_negative else None
+
+    out, start = [], 0
+    for j in range(1, len(encoded.ids) + 1):
+        if j < len(encoded.ids) and mark(encoded.kinds[j]) == mark(
+            encoded.kinds[start]
+        ):
+            continue
+        text = fmt.tokenizer.decode(
+            encoded.ids[start:j],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        m = mark(encoded.kinds[start])
+        if m:
+            left, right, on, off = _MARKS[m]
+            text = f"{on}{text}{off}" if color else f"{left}{text}{right}"
+        out.append(text)
+        start = j
+    return "".join(out)
+
+
+def _dataset_files(path: str) -> list[str]:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(str(f) for f in p.iterdir() if f.suffix in (".json", ".jsonl"))
+    else:
+        files = [str(p)] if p.suffix in (".json", ".jsonl") and p.exists() else []
+    if not files:
+        raise ValueError(
+            f"contrast-preview reads local .json/.jsonl files; {path!r} has none"
+        )
+    return files
+
+
+def preview_config(
+    cfg: Any, num_rows: int = 3, echo: Callable[[str], Any] = print
+) -> None:
+    """Print the first rows of the config's contrast dataset as training sees them."""
+    import datasets
+    from axolotl.loaders import load_tokenizer
+
+    ds_cfg = next(
+        (d for d in cfg.get("datasets") or [] if d.get("type") == TYPE_NAME), None
+    )
+    if ds_cfg is None:
+        raise ValueError(f"the config has no dataset with `type: {TYPE_NAME}`")
+    files = _dataset_files(ds_cfg["path"])
+    rows = datasets.load_dataset("json", data_files=files, split="train")
+    fmt = load(load_tokenizer(cfg), cfg, ds_cfg)
+    c = fmt.config
+    color = sys.stdout.isatty()
+    echo(
+        f"{fmt.source}: {len(rows)} rows · preset {c.preset} · mode {c.mode} · "
+        f"order {c.order} · positive_only_ratio {c.positive_only_ratio} · "
+        f"unlikelihood_weight {c.unlikelihood_weight} · sequence_len "
+        f"{fmt.sequence_len}"
+    )
+    legend = "loss-carrying span in ⟦ ⟧"
+    if c.unlikelihood_weight > 0:
+        legend += ", unlikelihood span in ⟨ ⟩"
+    echo(legend + ("  (coloured on a terminal)" if color else ""))
+    for index in range(min(num_rows, len(rows))):
+        try:
+            encoded = fmt.encode_row(rows[index], index)
+        except BadRowError as err:
+            echo(f"\n── row {index}: BAD ROW: {err}")
+            continue
+        n_loss = sum(k in ("positive", "end") for k in encoded.kinds)
+        n_neg = sum(k == "negative" for k in encoded.kinds)
+        notes = ["positive-only"] if encoded.positive_only else []
+        notes += [t.replace("_", " ") for t in encoded.truncation]
+        echo(
+            f"\n── row {index} ── {len(encoded.ids)} tokens, {n_loss} with loss, "
+            f"{n_neg} in the negative answer"
+            + (f" ({', '.join(notes)})" if notes else "")
+        )
+        echo(render_marked(fmt, encoded, color=color))
