@@ -169,6 +169,7 @@ class FakeStages:
             out = Path(cmd[cmd.index("--out") + 1])
             it = int(cmd[cmd.index("--iteration") + 1])
             writer = ShardWriter(out / "pairs", {"iteration": it})
+            writer.write([], [100])  # a block whose prompts were all dropped
             rows = [
                 {"prompt": f"p{k}", "chosen": "a", "rejected": "b", "judge_prob": 0.6,
                  "margin": 0.4, "iteration": it}
@@ -271,7 +272,7 @@ def test_loop_runs_stages_in_order_with_generated_configs(spa_yaml, tiny_model_d
         {
             "path": str(out / "iter_2/pairs"),
             "ds_type": "json",
-            "data_files": [str(out / "iter_2/pairs/shard-00000.jsonl")],
+            "data_files": [str(out / "iter_2/pairs/shard-00001.jsonl")],  # not empty
             "split": "train",
             "type": "axolotl_prefalign.spa_pairs",
         }

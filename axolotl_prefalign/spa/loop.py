@@ -582,7 +582,12 @@ def expansion_done(d: Path) -> bool:
 def pair_files(d: Path) -> list[str]:
     """The pair shard files an expansion's manifest lists (absolute paths)."""
     manifest = json.loads((d / "pairs" / "manifest.json").read_text(encoding="utf-8"))
-    return [str((d / "pairs" / s["file"]).resolve()) for s in manifest["shards"]]
+    # Shards of blocks where every prompt was dropped are empty: nothing to load.
+    return [
+        str((d / "pairs" / s["file"]).resolve())
+        for s in manifest["shards"]
+        if s["rows"]
+    ]
 
 
 def stage_config(
