@@ -293,6 +293,12 @@ class PrefAlignConfig(_Strict):
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="ε for cdpo / robust."
     )
+    packing: bool = Field(
+        False,
+        description="Pack chosen and rejected sequences into one row without padding "
+        "(position ids restart per sequence; varlen flash-attention on GPU, a "
+        "block-diagonal mask with sdpa/eager).",
+    )
     reference_cache: bool = Field(
         False,
         description="Compute reference log-probs once per dataset (cached by the "

@@ -330,3 +330,69 @@ def test_reference_cache_matches_live_reference(ours):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_packed_layout_bookkeeping_is_exact():
+    from axolotl_prefalign.trainers.dpo import BatchLayout
+
+    # Two chosen and two rejected sequences, right-padded with 0, as TRL collates.
+    ids = torch.tensor(
+        [[5, 6, 7, 8, 0], [9, 10, 11, 0, 0], [5, 6, 12, 13, 14], [9, 10, 15, 0, 0]]
+    )
+    attn = (ids != 0).long()
+    comp = torch.tensor(
+        [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]
+    )
+    inputs = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    packed = BatchLayout.packed(inputs)
+    assert packed.model_kwargs["input_ids"].tolist() == [
+        [5, 6, 7, 8, 9, 10, 11, 5, 6, 12, 13, 14, 9, 10, 15]
+    ]
+    assert packed.model_kwargs["position_ids"].tolist() == [
+        [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2]
+    ]
+    assert "attention_mask" not in packed.model_kwargs
+    X = -100  # ignored
+    assert packed.labels.tolist() == [
+        X,
+        7,
+        8,
+        X,
+        10,
+        11,
+        X,
+        X,
+        12,
+        13,
+        14,
+        X,
+        10,
+        15,
+        X,
+    ]
+    assert packed.segment.tolist() == [0] * 4 + [1] * 3 + [2] * 5 + [3] * 3
+    padded = BatchLayout.padded(inputs)
+    assert packed.lengths().tolist() == padded.lengths().tolist() == [2, 2, 3, 2]
+    values = torch.arange(15, dtype=torch.float32)
+    assert packed.per_sequence(values).tolist() == [6.0, 15.0, 45.0, 39.0]
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "spa"])
+def test_packed_forward_equals_padded(ours, loss):
+    padded = ours(loss)
+    packed = ours(loss, packing=True)
+    batch = _batch(padded)
+    l_pad = padded.compute_loss(padded.model, batch)
+    l_pack = packed.compute_loss(packed.model, batch)
+    torch.testing.assert_close(l_pack, l_pad, rtol=1e-5, atol=1e-6)
+    for name in ("logps/chosen", "logps/rejected", "rewards/margins"):
+        assert packed._metrics["train"][name][-1] == pytest.approx(
+            padded._metrics["train"][name][-1], rel=1e-5, abs=1e-6
+        )
+    l_pad.backward()
+    l_pack.backward()
+    for (n1, p1), (_n2, p2) in zip(
+        padded.model.named_parameters(), packed.model.named_parameters(), strict=True
+    ):
+        if p1.requires_grad and p1.grad is not None:
+            torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=n1)

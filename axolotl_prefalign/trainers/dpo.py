@@ -12,6 +12,7 @@ adds self-refinement and de-coupled noise detection (METHODS.md §1).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,11 +36,58 @@ def _current_prefalign() -> PrefAlignConfig:
     return prefalign_config(cfg) if cfg is not None else PrefAlignConfig()
 
 
-def completion_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor):
-    """Next-token labels aligned with hidden[:, :-1]: -100 outside the completion."""
-    labels = input_ids[:, 1:].clone()
-    labels[completion_mask[:, 1:] == 0] = IGNORE
-    return labels
+@dataclass
+class BatchLayout:
+    """How one preference batch reaches the model and how its tokens map back.
+
+    Padded: `model_kwargs` is TRL's [2B, T] batch; `labels` is [2B, T-1], aligned
+    with hidden[:, :-1]. Packed: all 2B sequences are one row without padding and
+    position ids restart per sequence (varlen attention); `labels` is [N] aligned
+    with every packed position, -100 at each sequence's last token, and `segment`
+    says which sequence each position belongs to.
+    """
+
+    model_kwargs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    num_sequences: int
+    segment: torch.Tensor | None = None
+
+    @classmethod
+    def padded(cls, inputs: dict) -> BatchLayout:
+        labels = inputs["input_ids"][:, 1:].clone()
+        labels[inputs["completion_mask"][:, 1:] == 0] = IGNORE
+        kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        return cls(kwargs, labels, inputs["input_ids"].shape[0])
+
+    @classmethod
+    def packed(cls, inputs: dict) -> BatchLayout:
+        keep = inputs["attention_mask"].bool()
+        lengths = keep.sum(-1)
+        ids = inputs["input_ids"][keep]  # row-major: sequences back to back
+        completion = inputs["completion_mask"][keep].bool()
+        n = lengths.shape[0]
+        segment = torch.repeat_interleave(torch.arange(n, device=ids.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = torch.arange(ids.shape[0], device=ids.device) - starts[segment]
+        # The label of position j is token j+1 of the same sequence, if it is a
+        # completion token; a sequence's last position predicts nothing.
+        labels = torch.full_like(ids, IGNORE)
+        same = segment[1:] == segment[:-1]
+        nxt = same & completion[1:]
+        labels[:-1][nxt] = ids[1:][nxt]
+        kwargs = {"input_ids": ids[None], "position_ids": positions[None]}
+        return cls(kwargs, labels, n, segment)
+
+    def per_sequence(self, token_values: torch.Tensor) -> torch.Tensor:
+        """Sum per-token values (shaped like `labels`) into one value per sequence."""
+        if self.segment is None:
+            return token_values.sum(-1)
+        out = token_values.new_zeros(self.num_sequences)
+        return out.index_add(0, self.segment, token_values)
+
+    def lengths(self) -> torch.Tensor:
+        """Completion tokens per sequence."""
+        return self.per_sequence((self.labels != IGNORE).float())
 
 
 class _HiddenCapture:
@@ -117,18 +165,21 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
         self.data_collator = JudgeFieldsCollator(self.data_collator)
 
     # -- log-probs -----------------------------------------------------------
-    def _hidden_states(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        kwargs = {
-            "input_ids": inputs["input_ids"],
-            "attention_mask": inputs["attention_mask"],
-            "use_cache": False,
-            # Only one position reaches the lm_head: the fused path does the rest.
-            "logits_to_keep": 1,
-        }
+    def _layout(self, inputs: dict) -> BatchLayout:
+        if self.prefalign.packing:
+            return BatchLayout.packed(inputs)
+        return BatchLayout.padded(inputs)
+
+    def _hidden_states(self, model: nn.Module, layout: BatchLayout) -> torch.Tensor:
+        """Final hidden states aligned with `layout.labels`."""
         with _HiddenCapture(_causal_lm(model).get_decoder()) as cap:
-            model(**kwargs)
+            # use_cache=False also lets transformers see packed position ids.
+            # Only one position reaches the lm_head: the fused path does the rest.
+            model(**layout.model_kwargs, use_cache=False, logits_to_keep=1)
         if cap.hidden is None:
             raise RuntimeError("prefalign: the decoder hook saw no hidden states")
+        if layout.segment is not None:
+            return cap.hidden[0]
         return cap.hidden[:, :-1]
 
     def _reference_context(self, model: nn.Module):
@@ -146,25 +197,29 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
             )
         return self.ref_model, contextlib.nullcontext()
 
-    def _reference_hidden(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+    def _reference_hidden(self, model: nn.Module, layout: BatchLayout):
         ref, ctx = self._reference_context(model)
         with torch.no_grad(), ctx:
-            return self._hidden_states(ref, inputs)
+            return self._hidden_states(ref, layout)
 
-    def _sequence_logps(self, hidden, weight, bias, labels) -> torch.Tensor:
+    def _sequence_logps(self, hidden, weight, bias, layout) -> torch.Tensor:
         lp = token_logprobs(
-            hidden, weight, labels, bias=bias, chunk_size=self.prefalign.chunk_size
+            hidden,
+            weight,
+            layout.labels,
+            bias=bias,
+            chunk_size=self.prefalign.chunk_size,
         )
-        return lp.sum(-1)
+        return layout.per_sequence(lp)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one batch (TRL calls this to fill its cache)."""
-        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
+        layout = self._layout(inputs)
         ref, ctx = self._reference_context(model)
         with torch.no_grad(), ctx:
-            hidden = self._hidden_states(ref, inputs)
+            hidden = self._hidden_states(ref, layout)
             weight, bias = _head(ref)
-            logps = self._sequence_logps(hidden, weight, bias, labels)
+            logps = self._sequence_logps(hidden, weight, bias, layout)
         return logps.chunk(2, dim=0)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -178,28 +233,28 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
     # -- loss ----------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
-        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
+        layout = self._layout(inputs)
         weight, bias = _head(model)
-        hidden = self._hidden_states(model, inputs)
-        logps = self._sequence_logps(hidden, weight, bias, labels)
+        hidden = self._hidden_states(model, layout)
+        logps = self._sequence_logps(hidden, weight, bias, layout)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
 
-        need_ref_hidden = self.dnd_lambda > 0 or "ref_chosen_logps" not in inputs
-        ref_hidden = self._reference_hidden(model, inputs) if need_ref_hidden else None
-        if "ref_chosen_logps" in inputs:
+        cached = "ref_chosen_logps" in inputs
+        ref_hidden = None
+        if self.dnd_lambda > 0 or not cached:
+            ref_hidden = self._reference_hidden(model, layout)
+        if cached:
             ref_chosen = inputs["ref_chosen_logps"].to(logps)
             ref_rejected = inputs["ref_rejected_logps"].to(logps)
         else:
-            ref, _ = self._reference_context(model)
-            ref_weight, ref_bias = _head(ref)
+            ref_weight, ref_bias = _head(self._reference_context(model)[0])
             with torch.no_grad():
                 ref_logps = self._sequence_logps(
-                    ref_hidden, ref_weight, ref_bias, labels
+                    ref_hidden, ref_weight, ref_bias, layout
                 )
             ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
 
-        lengths = (labels != IGNORE).sum(-1).to(logps)
-        chosen_len, rejected_len = lengths.chunk(2, dim=0)
+        chosen_len, rejected_len = layout.lengths().to(logps).chunk(2, dim=0)
         extra: dict[str, Any] = {}
         if self.loss_name == "soft":
             if "judge_prob" not in inputs:
@@ -211,20 +266,15 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
         if self.loss_name in ("cdpo", "robust"):
             extra["label_smoothing"] = self.prefalign.label_smoothing
         if self.loss_name == "spa":
-            extra.update(
-                self._spa_refinement(
-                    mode,
-                    inputs,
-                    hidden,
-                    ref_hidden,
-                    labels,
-                    weight,
-                    model,
-                    logps,
-                    ref_chosen,
-                    ref_rejected,
-                )
+            policy_margin = (chosen_logps - ref_chosen) - (
+                rejected_logps - ref_rejected
             )
+            m_g = policy_margin.detach()
+            if self.dnd_lambda > 0:
+                m_g = self._dnd_margin(
+                    model, hidden, ref_hidden, layout, ref_chosen, ref_rejected
+                )
+            extra.update(self._spa_confidence(mode, m_g))
         losses = preference_loss(
             chosen_logps,
             rejected_logps,
@@ -236,64 +286,52 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
             rejected_lengths=rejected_len,
             **extra,
         )
-        loss = losses.mean()
         self._log_dpo_metrics(
             mode, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected
         )
+        loss = losses.mean()
         return (loss, None) if return_outputs else loss
 
-    def _spa_refinement(
-        self,
-        mode,
-        inputs,
-        hidden,
-        ref_hidden,
-        labels,
-        weight,
-        model,
-        logps,
-        ref_chosen,
-        ref_rejected,
-    ) -> dict[str, Any]:
-        """c = 1[β·m_g > τ]; m_g from DND (λ > 0) or the policy's own margin."""
+    def _dnd_margin(self, model, hidden, ref_hidden, layout, ref_chosen, ref_rejected):
+        """m_g: the DPO margin of z_g = (1+λ)·z_θ − λ·z_ref, a simulated more
+        strongly aligned model (SPA's de-coupled noise detection); no gradient."""
+        weight, bias = _head(model)
+        ref_weight, ref_bias = _head(self._reference_context(model)[0])
+        token_lp = mixed_token_logprobs(
+            hidden.detach(),
+            ref_hidden,
+            weight.detach(),
+            layout.labels,
+            mix=1.0 + self.dnd_lambda,
+            ref_weight=ref_weight.detach(),
+            bias=None if bias is None else bias.detach(),
+            ref_bias=None if ref_bias is None else ref_bias.detach(),
+            chunk_size=self.prefalign.chunk_size,
+        )
+        g_chosen, g_rejected = layout.per_sequence(token_lp).chunk(2, dim=0)
+        return (g_chosen - ref_chosen) - (g_rejected - ref_rejected)
+
+    def _spa_confidence(self, mode: str, m_g: torch.Tensor) -> dict[str, Any]:
+        """c = 1[β·m_g > τ], τ the K-quantile of recent per-sample β·m_g; α = 0
+        during the warm-up fraction of steps (SPA's self-refinement)."""
         spa = self.prefalign.spa
-        if self.dnd_lambda > 0:
-            ref, _ = self._reference_context(model)
-            ref_weight, ref_bias = _head(ref)
-            _, bias = _head(model)
-            # z_g = (1+λ)·z_θ − λ·z_ref: a simulated, more strongly aligned model.
-            g_lp = mixed_token_logprobs(
-                hidden.detach(),
-                ref_hidden,
-                weight.detach(),
-                labels,
-                mix=1.0 + self.dnd_lambda,
-                ref_weight=ref_weight,
-                bias=None if bias is None else bias.detach(),
-                ref_bias=ref_bias,
-                chunk_size=self.prefalign.chunk_size,
-            ).sum(-1)
-            g_chosen, g_rejected = g_lp.chunk(2, dim=0)
-        else:
-            g_chosen, g_rejected = logps.detach().chunk(2, dim=0)
-        m_g = (g_chosen - ref_chosen) - (g_rejected - ref_rejected)
         scaled = self.beta * m_g.detach().float()
         if mode == "train":
             self.margin_window.update(scaled)
-        tau = self.margin_window.threshold(spa.noise_quantile)
+        if len(self.margin_window):
+            tau = self.margin_window.threshold(spa.noise_quantile)
+        else:  # evaluation before any training step: this batch alone
+            tau = torch.quantile(scaled, spa.noise_quantile).item()
         confident = scaled > tau
         progress = self.state.global_step / max(self.state.max_steps, 1)
         alpha = 0.0 if progress < spa.alpha_warmup_ratio else spa.alpha
+        gather = self.accelerator.gather_for_metrics
         m = self._metrics[mode]
         m["spa/threshold"].append(float(tau))
-        m["spa/noisy_fraction"].append(
-            self.accelerator.gather_for_metrics((~confident).float()).mean().item()
-        )
-        m["spa/dnd_margin"].append(
-            self.accelerator.gather_for_metrics(scaled).mean().item()
-        )
+        m["spa/noisy_fraction"].append(gather((~confident).float()).mean().item())
+        m["spa/dnd_margin"].append(gather(scaled).mean().item())
         m["spa/alpha"].append(alpha)
-        return {"confident": confident, "alpha": alpha}
+        return {"confident": confident.to(m_g.device), "alpha": alpha}
 
     def _log_dpo_metrics(self, mode, inputs, chosen, rejected, ref_c, ref_r) -> None:
         """TRL's metric names, so existing dashboards understand them."""
