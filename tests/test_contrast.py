@@ -647,6 +647,35 @@ def test_trainer_loss_is_ce_plus_weighted_unlikelihood(
     assert stored == pytest.approx([ul.item()], rel=1e-4)
 
 
+def test_trainer_scales_the_term_when_ce_is_normalised_over_accumulation(
+    tiny_model, tiny_tokenizer, tmp_path
+):
+    from axolotl_prefalign.trainers.contrast_sft import (
+        ContrastDataCollator,
+        unlikelihood_loss,
+    )
+
+    fmt = fmt_for(tiny_tokenizer, unlikelihood_weight=1.0)
+    batch = ContrastDataCollator(tiny_tokenizer)([fmt.tokenize_row(GOOD, 0)])
+    n_items = int((batch["labels"][:, 1:] != IGNORE).sum())
+    trainer = _trainer(tiny_model, tiny_tokenizer, 0.5, tmp_path)
+    # As in training_step with a model whose loss takes num_items_in_batch: the
+    # trainer does not divide by the accumulation steps, so the term must.
+    trainer.model_accepts_loss_kwargs = True
+    trainer.current_gradient_accumulation_steps = 4
+    tiny_model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = tiny_model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        )
+        ul = unlikelihood_loss(out.logits, batch["negative_labels"])
+        loss = trainer.compute_loss(tiny_model, dict(batch), num_items_in_batch=n_items)
+    torch.testing.assert_close(loss, out.loss + 0.5 * ul / 4, rtol=1e-5, atol=1e-6)
+
+
 def test_trainer_keeps_the_negative_labels_column(tiny_model, tiny_tokenizer, tmp_path):
     from datasets import Dataset
 

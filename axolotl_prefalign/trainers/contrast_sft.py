@@ -98,10 +98,13 @@ class ContrastSFTTrainer(AxolotlTrainer):
             )
         term = unlikelihood_loss(logits, negative_labels.to(logits.device))
         scaled = weight * term
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        trainer_divides = (
+            not self.model_accepts_loss_kwargs or num_items_in_batch is None
+        ) and self.compute_loss_func is None
+        if model.training and not trainer_divides:
             # The CE loss is then already normalised over the whole accumulated
             # batch and training_step will not divide by the accumulation steps:
-            # do it for our per-micro-batch mean.
+            # do it for our per-micro-batch mean (the same rule as training_step).
             steps = getattr(
                 self,
                 "current_gradient_accumulation_steps",
