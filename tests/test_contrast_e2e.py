@@ -50,14 +50,16 @@ def test_axolotl_train_with_contrast_format_completes_and_saves(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode, packing", [("chat", False), ("raw", True)])
 def test_axolotl_train_with_unlikelihood_uses_contrast_trainer(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, mode, packing
 ):
     out = tmp_path / "out"
-    cfg = _contrast_cfg(
-        tiny_model_dir, out, {"mode": "chat", "unlikelihood_weight": 0.5}
-    )
+    cfg = _contrast_cfg(tiny_model_dir, out, {"mode": mode, "unlikelihood_weight": 0.5})
     cfg.update(adapter="lora", lora_r=4, lora_alpha=8, lora_target_linear=True)
+    if packing:
+        # Axolotl's packing collator path: ours must still carry negative_labels.
+        cfg.update(sample_packing=True, sequence_len=256, micro_batch_size=1)
     proc = run_axolotl_train(cfg, tmp_path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0
