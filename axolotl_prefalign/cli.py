@@ -24,9 +24,18 @@ def load_config(config: str | Path):
     """Load and validate an Axolotl YAML (with our plugin) the way `axolotl train`
     does; returns Axolotl's DictDefault config."""
     offline_env()
+    import logging
+
     from axolotl.cli.config import load_cfg
 
-    return load_cfg(str(config))
+    # load_cfg logs the whole resolved config at INFO: noise for our commands.
+    quiet = logging.getLogger("axolotl.cli.config")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return load_cfg(str(config))
+    finally:
+        quiet.setLevel(level)
 
 
 config_arg = click.argument(
