@@ -790,7 +790,6 @@ def run_from_config(
     final = last / "merged" if adapter else last
     summary = {"final_model": str(final), "iterations": rows}
     atomic_write_json(out / SUMMARY_FILE, summary)
-    table = summary_table(rows)
-    LOG.info("SPA finished; final model: %s\n%s", final, table)
-    print(table, flush=True)
+    LOG.info("SPA finished; final model: %s", final)
+    print(summary_table(rows), flush=True)
     return summary
