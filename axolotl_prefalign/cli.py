@@ -38,12 +38,43 @@ def load_config(config: str | Path):
         quiet.setLevel(level)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input or a failed stage: shown without traceback."""
+    from .args import PrefAlignConfigError
+    from .models import DefaultModelError
+    from .rows import BadRowError
+
+    errors: list[type[BaseException]] = [
+        PrefAlignConfigError,
+        DefaultModelError,
+        BadRowError,
+        FileNotFoundError,
+    ]
+    try:
+        from .spa.loop import SpaLoopError
+
+        errors.append(SpaLoopError)
+    except ImportError:  # pragma: no cover - partial installs
+        pass
+    return tuple(errors)
+
+
+class PrefAlignGroup(click.Group):
+    """Turns bad-input errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as err:
+            raise click.ClickException(f"{type(err).__name__}: {err}") from err
+
+
 config_arg = click.argument(
     "config", type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 
 
-@click.group(name="prefalign")
+@click.group(name="prefalign", cls=PrefAlignGroup)
 def prefalign() -> None:
     """SPA, plaintext contrast SFT, RobustFT and data tools for Axolotl."""
     offline_env()

@@ -164,6 +164,13 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
         super().__init__(*args, **kw)
         self.data_collator = JudgeFieldsCollator(self.data_collator)
 
+    def _set_signature_columns_if_needed(self):
+        # Keep SPA's judge fields even under remove_unused_columns: true.
+        super()._set_signature_columns_if_needed()
+        for name in JUDGE_FIELDS:
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
+
     # -- log-probs -----------------------------------------------------------
     def _layout(self, inputs: dict) -> BatchLayout:
         if self.prefalign.packing:
