@@ -706,3 +706,18 @@ def test_load_input_reads_only_local_files(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "q?", "answer": "a"}\n')
     assert P.load_input({"path": str(path)})["question"] == ["q?"]
+
+
+def test_weak_experts_are_flagged_in_the_log(tmp_path, caplog):
+    # Rows 3-6: no expert answer agrees with any label → 0 of 4 clean.
+    with caplog.at_level("WARNING", logger="axolotl_prefalign"):
+        result = run(tmp_path, FakeModel(REPLIES), ds=noisy_dataset(ROWS[3:7]))
+    assert result.report["clean"] == 0
+    assert "the experts agreed with only 0 of 4 labels (0%)" in caplog.text
+
+
+def test_ordinary_agreement_is_not_flagged(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="axolotl_prefalign"):
+        result = run(tmp_path, FakeModel(REPLIES))
+    assert result.report["clean"] == 3
+    assert "experts agreed with only" not in caplog.text

@@ -513,12 +513,32 @@ def _write_outputs(
         rel_tol=settings.number_rel_tol,
     )
     report["output_dir"] = str(out_dir)
+    _warn_if_experts_look_weak(report)
     _write_jsonl(out_dir / ALL_FILE, all_rows)
     _write_jsonl(out_dir / TRAIN_FILE, train_rows)
     atomic_write_json(out_dir / REPORT_FILE, report)
     return DenoiseResult(
         out_dir, _to_dataset(train_rows), _to_dataset(all_rows), report
     )
+
+
+WEAK_EXPERT_CLEAN_FRACTION = 0.2
+
+
+def _warn_if_experts_look_weak(report: Mapping[str, Any]) -> None:
+    # RobustFT assumes experts that solve most questions. When they agree with
+    # almost no label, relabelling is guesswork and can make the set worse.
+    judged = report["clean"] + report["noisy"]
+    if judged >= 4 and report["clean"] / judged < WEAK_EXPERT_CLEAN_FRACTION:
+        LOG.warning(
+            "robustft: the experts agreed with only %d of %d labels (%.0f%%): they "
+            "may be too weak for this data, and relabelled rows may be worse than "
+            "the input; check with prefalign.robustft.gold_field on a labelled "
+            "sample or use a stronger expert model",
+            report["clean"],
+            judged,
+            100 * report["clean"] / judged,
+        )
 
 
 def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
