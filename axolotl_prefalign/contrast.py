@@ -12,6 +12,8 @@ and masks the labels so that only the positive answer and its end token carry
 loss. Rows are tokenized by parts (prefix | answer | end token), so the label
 boundary is exact whatever the tokenizer merges across the marker, and the prefix
 of a positive-only row is byte for byte what `build_inference_prompt` returns.
+Spaces between a marker and its text belong to the text (" Paris" stays one BPE
+token; the prompt ends on "Positive answer:" with no trailing space).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # model's chat template) is rendered; their positions in the result give the exact
 # character spans of question, negative and positive answer.
 _SENTINELS = {"question": "\ue000", "negative": "\ue001", "positive": "\ue002"}
+# Spaces that go from the end of a marker to the text after it (newlines stay).
+_SPACES = " \t"
 
 
 class _RowProblem(Exception):
@@ -368,21 +372,31 @@ class ContrastFormat:
             spans.append((text.index(sentinel), kind))
         pieces, pos = [], 0
         for start, kind in sorted(spans):
-            pieces.append(Piece("context", text[pos:start]))
-            pieces.append(Piece(kind, values[kind]))
+            # The spaces between a marker and its text go with the text: BPE
+            # tokenizers merge a space into the next word (` Paris`), so the
+            # answer keeps its natural first token and the prefix (the inference
+            # prompt) ends on the marker, not on a trailing space. Newlines stay
+            # with the marker: they do not merge forwards (Llama-3 even merges
+            # `:\n` backwards), and chat templates end their headers with one.
+            before = text[pos:start]
+            cut = len(before.rstrip(_SPACES))
+            pieces.append(Piece("context", before[:cut]))
+            pieces.append(Piece(kind, before[cut:] + values[kind]))
             pos = start + 1
             if kind == "positive":
                 # The end token: EOS in raw mode, the chat template's first token
                 # after the answer (its end-of-turn token) in chat mode.
+                # Chat: the text up to the next slot is one piece, so the template's
+                # end-of-turn token is its first token; a next slot's leading
+                # spaces stay for that slot (the loop above picks them up).
                 rest_end = min([s for s, _ in spans if s > start] + [len(text)])
-                rest = text[pos:rest_end]
+                rest = text[pos:rest_end].rstrip(_SPACES)
                 # An end piece without text stands for the EOS token.
                 if self.config.mode == "raw" or not rest:
                     pieces.append(Piece("end"))
-                    pieces.append(Piece("context", rest))
                 else:
                     pieces.append(Piece("end", rest))
-                pos = rest_end
+                    pos += len(rest)
         pieces.append(Piece("context", text[pos:]))
         return [p for p in pieces if p.text or p.kind in ("positive", "end")]
 
@@ -618,6 +632,8 @@ def build_inference_prompt(
 ) -> str:
     """The training prefix of a positive-only row, up to the positive-answer marker.
 
+    It ends on the marker itself ("…Positive answer:"): the space before the answer
+    belongs to the answer's first token, which the model generates (" Paris").
     Tokenize the result with `add_special_tokens=False` (any BOS is in the text).
     `question` may be a chat message list (last user message = the question). Chat
     mode and the raw-mode BOS need the tokenizer.

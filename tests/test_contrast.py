@@ -35,8 +35,11 @@ ROWS = {
         "rejected": "柏林。",
     },
 }
-MARKER = {"en": "Positive answer: ", "zh": "积极回答："}
-NEG_MARKER = {"en": "Negative answer: ", "zh": "消极回答："}
+MARKER = {"en": "Positive answer:", "zh": "积极回答："}
+NEG_MARKER = {"en": "Negative answer:", "zh": "消极回答："}
+# What the preset puts between a marker and its text; in raw mode it belongs to
+# the text (the answer's first token is ` Paris`, not a lone ` ` then `Paris`).
+SEP = {"en": " ", "zh": ""}
 
 
 @pytest.fixture(params=["tiny_tokenizer", "smollm2_tokenizer"])
@@ -79,6 +82,13 @@ def im_end(tok) -> int:
     return tok.convert_tokens_to_ids("<|im_end|>")
 
 
+ZH_FIELDS = {"prompt": "prompt_zh", "chosen": "chosen_zh", "rejected": "rejected_zh"}
+
+
+def example_rows() -> list[dict]:
+    return [json.loads(line) for line in EXAMPLE.read_text().splitlines()]
+
+
 # ---------------------------------------------------------------------------
 # The loss mask, token by token
 
@@ -92,18 +102,18 @@ def test_only_positive_answer_and_end_token_carry_loss(tokenizer, preset, order,
     feats = fmt.tokenize_row(row, 0)
     ids = feats["input_ids"]
     a, b = loss_span(feats)
-    # Labelled tokens: exactly the positive answer, then the end token.
-    assert decode(tokenizer, ids[a : b - 1]) == row["chosen"]
+    # Labelled tokens: exactly the positive answer (with the separator space that
+    # precedes it in raw mode), then the end token.
+    sep = SEP[preset] if mode == "raw" else ""
+    assert decode(tokenizer, ids[a : b - 1]) == sep + row["chosen"]
     end = tokenizer.eos_token_id if mode == "raw" else im_end(tokenizer)
     assert ids[b - 1] == end
     before, after = decode(tokenizer, ids[:a]), decode(tokenizer, ids[b:])
     if mode == "raw":
         assert before.endswith(MARKER[preset])
     else:
-        assert before.endswith(
-            MARKER[preset].rstrip() + "<|im_end|>\n<|im_start|>assistant\n"
-        )
-    negative = NEG_MARKER[preset] + row["rejected"]
+        assert before.endswith(MARKER[preset] + "<|im_end|>\n<|im_start|>assistant\n")
+    negative = NEG_MARKER[preset] + SEP[preset] + row["rejected"]
     if order == "negative_first":
         assert negative in before and row["rejected"] not in after
     else:
@@ -111,21 +121,76 @@ def test_only_positive_answer_and_end_token_carry_loss(tokenizer, preset, order,
     assert row["prompt"] in before
 
 
-def test_by_part_tokenization_is_exact_where_bpe_merges_across_the_marker(
+def test_answer_starts_with_the_tokenizers_own_space_prefixed_token(
     smollm2_tokenizer,
 ):
     tok = smollm2_tokenizer
     row = {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Berlin"}
     whole = tok("Positive answer: Paris", add_special_tokens=False)["input_ids"]
-    # The naive rendering has one token spanning the marker's space and the answer.
-    assert decode(tok, whole[-1:]) == " Paris"
-    feats = fmt_for(tok).tokenize_row(row, 0)
+    # SmolLM2 merges the separator space into the answer's first token.
+    assert [decode(tok, [i]) for i in whole[-2:]] == [":", " Paris"]
+    feats = fmt_for(tok, unlikelihood_weight=0.5).tokenize_row(row, 0)
+    ids = feats["input_ids"]
     a, b = loss_span(feats)
-    assert [decode(tok, [i]) for i in feats["input_ids"][a:b]] == [
+    assert ids[a:b] == [whole[-1], tok.eos_token_id]
+    assert decode(tok, ids[a : a + 1]) == " Paris"
+    assert ids[:a] == tok(decode(tok, ids[:a]), add_special_tokens=False)["input_ids"]
+    assert decode(tok, ids[:a]).endswith("\nPositive answer:")
+    neg = [j for j, t in enumerate(feats["negative_labels"]) if t != IGNORE]
+    assert [decode(tok, [ids[j]]) for j in neg] == [" Berlin"]
+
+
+@pytest.mark.parametrize(
+    "contrast",
+    [
+        {},
+        {"order": "positive_first"},
+        {"mode": "chat"},
+        {"mode": "chat", "order": "positive_first"},
+        {"preset": "zh", "fields": ZH_FIELDS},
+        {"preset": "zh", "fields": ZH_FIELDS, "mode": "chat"},
+    ],
+)
+def test_by_part_tokenization_equals_tokenizing_the_whole_text(tokenizer, contrast):
+    # Parts meet where a byte-level BPE's pre-tokenizer splits anyway (before the
+    # separator space, before a newline, at a special token), so for ordinary rows
+    # the parts give exactly the tokenizer's own tokenization of the row's text.
+    fmt = fmt_for(tokenizer, positive_only_ratio=0.5, **contrast)
+    for index, row in enumerate(example_rows()):
+        ids = fmt.tokenize_row(row, index)["input_ids"]
+        text = decode(tokenizer, ids)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids, index
+
+
+def test_by_part_tokenization_differs_only_where_punctuation_is_glued(
+    smollm2_tokenizer,
+):
+    # Without a separator, a marker ending in ASCII punctuation and an answer
+    # starting with it form one pre-token that BPE may merge (`:"`); the parts keep
+    # the marker's own `:` so the prompt is the same token sequence at inference.
+    tok = smollm2_tokenizer
+    fmt = fmt_for(tok, instruction="", template={"positive": "A:{positive}"})
+    row = {"prompt": "Q?", "chosen": '"Paris"', "rejected": "Berlin"}
+    ids = fmt.tokenize_row(row, 0)["input_ids"]
+    text = decode(tok, ids)
+    assert text == 'Question: Q?\nNegative answer: Berlin\nA:"Paris"<|im_end|>'
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    assert [decode(tok, [i]) for i in whole[-4:]] == [':"', "Paris", '"', "<|im_end|>"]
+    a, b = loss_span(fmt.tokenize_row(row, 0))
+    assert [decode(tok, [i]) for i in ids[a - 1 : b]] == [
+        ":",
+        '"',
         "Paris",
+        '"',
         "<|im_end|>",
     ]
-    assert decode(tok, feats["input_ids"][:a]).endswith("Positive answer: ")
+    assert ids != whole
+    # The zh preset's full-width colon does not merge with full-width punctuation.
+    zh = fmt_for(tok, preset="zh", instruction="")
+    for answer in ("（甲）巴黎", "“巴黎”"):
+        row = {"prompt": "首都？", "chosen": answer, "rejected": "柏林"}
+        ids = zh.tokenize_row(row, 0)["input_ids"]
+        assert tok(decode(tok, ids), add_special_tokens=False)["input_ids"] == ids
 
 
 def test_chat_mode_ends_on_the_templates_end_of_turn_token_not_eos(tiny_model_dir):
@@ -161,7 +226,8 @@ def test_negative_labels_column_only_when_unlikelihood_weight_is_positive(tokeni
     assert feats["labels"] == plain["labels"]
     neg = [j for j, t in enumerate(feats["negative_labels"]) if t != IGNORE]
     assert neg == list(range(neg[0], neg[-1] + 1))
-    assert decode(tokenizer, [feats["input_ids"][j] for j in neg]) == row["rejected"]
+    negative = decode(tokenizer, [feats["input_ids"][j] for j in neg])
+    assert negative == " " + row["rejected"]
     assert all(feats["labels"][j] == IGNORE for j in neg)
     only = fmt_for(tokenizer, unlikelihood_weight=0.3, positive_only_ratio=1.0)
     assert set(only.tokenize_row(row, 0)["negative_labels"]) == {IGNORE}
@@ -211,6 +277,9 @@ def test_inference_prompt_equals_the_prefix_of_a_positive_only_row(
         tokenizer(prompt, add_special_tokens=False)["input_ids"]
         == feats["input_ids"][:a]
     )
+    if mode == "raw":
+        # It ends on the marker: the model writes the separator space itself.
+        assert prompt.endswith("\n" + MARKER[preset])
     if mode == "chat":
         user = prompt.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
         messages = [
@@ -252,7 +321,7 @@ def test_inference_prompt_accepts_the_config_forms_and_a_message_list():
     expected = (
         "Be brief.\nInstruction: Answer the question accurately. A negative answer, "
         "when one is given, is an example of a wrong answer.\nUser: Hi\n"
-        "Assistant: Hello\nQuestion: Capital of France?\nPositive answer: "
+        "Assistant: Hello\nQuestion: Capital of France?\nPositive answer:"
     )
     assert build_inference_prompt(question) == expected
     pa = PrefAlignConfig.from_raw({"contrast": {"preset": "zh", "instruction": ""}})
@@ -281,7 +350,7 @@ def test_truncation_shortens_the_negative_answer_first(tokenizer):
     assert encoded.truncation == ("negative_shortened",)
     assert sum(t != IGNORE for t in feats["negative_labels"]) == n_neg - 3
     a, b = loss_span(feats)
-    assert decode(tokenizer, feats["input_ids"][a : b - 1]) == row["chosen"]
+    assert decode(tokenizer, feats["input_ids"][a : b - 1]) == " " + row["chosen"]
     text = decode(tokenizer, feats["input_ids"])
     assert row["prompt"] in text and "Negative answer: Berlin" in text
 
@@ -304,7 +373,7 @@ def test_truncation_then_drops_the_negative_and_keeps_the_questions_end(tokenize
     assert "What is the capital?\nPositive answer: " in text
     assert row["prompt"] not in text and "Question: Some long" not in text
     a, b = loss_span(fmt.features(encoded))
-    assert decode(tokenizer, encoded.ids[a : b - 1]) == row["chosen"]
+    assert decode(tokenizer, encoded.ids[a : b - 1]) == " " + row["chosen"]
 
 
 def test_positive_answer_that_cannot_fit_is_an_error_naming_row_and_field(
@@ -456,7 +525,36 @@ def test_custom_template_and_empty_instruction(tiny_tokenizer):
         "Q: Capital of France?\nNegative answer: Berlin\nGood => Paris<|im_end|>"
     )
     a, b = loss_span(feats)
-    assert decode(tiny_tokenizer, feats["input_ids"][a:b]) == "Paris<|im_end|>"
+    assert decode(tiny_tokenizer, feats["input_ids"][a:b]) == " Paris<|im_end|>"
+    assert decode(tiny_tokenizer, feats["input_ids"][:a]).endswith("Good =>")
+    # Spaces and tabs after a marker go with the answer, a newline stays with it.
+    fmt = fmt_for(
+        tiny_tokenizer,
+        instruction="",
+        template={"negative": "Bad:\t{negative}", "positive": "Good:\n {positive}"},
+    )
+    feats = fmt.tokenize_row(GOOD, 0)
+    ids = feats["input_ids"]
+    assert decode(tiny_tokenizer, ids) == (
+        "Question: Capital of France?\nBad:\tBerlin\nGood:\n Paris<|im_end|>"
+    )
+    a, b = loss_span(feats)
+    assert decode(tiny_tokenizer, ids[a:b]) == " Paris<|im_end|>"
+    prompt = build_inference_prompt(
+        GOOD["prompt"],
+        config=ContrastConfig(
+            instruction="", template={"positive": "Good:\n {positive}"}
+        ),
+    )
+    assert prompt == "Question: Capital of France?\nGood:\n"
+    only = fmt_for(
+        tiny_tokenizer,
+        instruction="",
+        unlikelihood_weight=1.0,
+        template={"negative": "Bad:\t{negative}"},
+    ).tokenize_row(GOOD, 0)
+    neg = [j for j, t in enumerate(only["negative_labels"]) if t != IGNORE]
+    assert decode(tiny_tokenizer, [only["input_ids"][j] for j in neg]) == "\tBerlin"
 
 
 def test_template_validation_names_the_bad_part():
@@ -471,16 +569,11 @@ def test_template_validation_names_the_bad_part():
 
 
 def test_bundled_example_rows_are_all_valid(smollm2_tokenizer):
-    rows = [json.loads(line) for line in EXAMPLE.read_text().splitlines()]
+    rows = example_rows()
     assert len(rows) == 40
-    zh_fields = {
-        "prompt": "prompt_zh",
-        "chosen": "chosen_zh",
-        "rejected": "rejected_zh",
-    }
     for fmt in (
         fmt_for(smollm2_tokenizer),
-        fmt_for(smollm2_tokenizer, preset="zh", mode="chat", fields=zh_fields),
+        fmt_for(smollm2_tokenizer, preset="zh", mode="chat", fields=ZH_FIELDS),
     ):
         for index, row in enumerate(rows):
             loss_span(fmt.tokenize_row(row, index))
@@ -732,9 +825,9 @@ def test_preview_marks_the_loss_span(
     preview_config(load_config(path), num_rows=5, echo=lines.append)
     text = "\n".join(lines)
     assert "pairs.jsonl: 3 rows · preset en · mode raw" in text
-    assert "Negative answer: ⟨Berlin⟩\nPositive answer: ⟦Paris<|im_end|>⟧" in text
+    assert "Negative answer:⟨ Berlin⟩\nPositive answer:⟦ Paris<|im_end|>⟧" in text
     assert "row 1: BAD ROW: pairs.jsonl, row 1, field 'rejected': identical" in text
-    assert "Positive answer: ⟦Lyon? No: Paris<|im_end|>⟧" in text
+    assert "Positive answer:⟦ Lyon? No: Paris<|im_end|>⟧" in text
     fmt = fmt_for(tiny_tokenizer, unlikelihood_weight=0.2)
     feats = fmt.tokenize_row(GOOD, 0)
     n, (a, b) = len(feats["input_ids"]), loss_span(feats)
@@ -748,4 +841,4 @@ def test_preview_marks_the_loss_span(
 def test_render_marked_colours_when_asked(tiny_tokenizer):
     fmt = fmt_for(tiny_tokenizer)
     text = render_marked(fmt, fmt.encode_row(GOOD, 0), color=True)
-    assert text.endswith("Positive answer: \x1b[1;32mParis<|im_end|>\x1b[0m")
+    assert text.endswith("Positive answer:\x1b[1;32m Paris<|im_end|>\x1b[0m")
