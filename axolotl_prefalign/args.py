@@ -380,10 +380,20 @@ def _explain(err: ValidationError) -> str:
     return "invalid prefalign: block: " + "; ".join(lines)
 
 
+# Bump when a dataset format's token output changes, so Axolotl's prepared-data
+# cache (which hashes this field through the plugin's salt) is not reused.
+DATA_FORMAT_REVISION = "2"
+
+
 class PrefAlignArgs(BaseModel):
     """The pydantic mixin Axolotl merges into its config schema."""
 
     prefalign: PrefAlignConfig | None = None
+    prefalign_data_revision: str = Field(
+        DATA_FORMAT_REVISION,
+        description="Internal: the plugin's dataset-format revision (cache salt); "
+        "do not set.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -40,10 +40,13 @@ def _salt_dataset_hash() -> None:
     # reuse a stale cache. The hash reads this module global at call time.
     from axolotl.utils.data import shared
 
-    if "prefalign" not in shared.DATASET_HASH_CONFIG_EXTRA_FIELDS:
+    # The format revision covers changes to our formatting code itself.
+    salt = ("prefalign", "prefalign_data_revision")
+    missing = tuple(f for f in salt if f not in shared.DATASET_HASH_CONFIG_EXTRA_FIELDS)
+    if missing:
         shared.DATASET_HASH_CONFIG_EXTRA_FIELDS = (
             *shared.DATASET_HASH_CONFIG_EXTRA_FIELDS,
-            "prefalign",
+            *missing,
         )
 
 

@@ -150,6 +150,18 @@ def test_prefalign_settings_salt_the_prepared_dataset_hash(tiny_model_dir):
     assert hashes[0] != hashes[1]
 
 
+def test_format_revision_salts_the_prepared_dataset_hash(tiny_model_dir):
+    from axolotl.utils.data.shared import generate_dataset_hash_from_config
+
+    from axolotl_prefalign.args import DATA_FORMAT_REVISION
+
+    cfg = axolotl_validate(_base_cfg(tiny_model_dir))
+    assert cfg["prefalign_data_revision"] == DATA_FORMAT_REVISION
+    before = generate_dataset_hash_from_config(cfg, cfg.datasets, "tok")
+    cfg["prefalign_data_revision"] = DATA_FORMAT_REVISION + "-next"
+    assert generate_dataset_hash_from_config(cfg, cfg.datasets, "tok") != before
+
+
 def test_default_model_alias_resolves_to_prepared_folder(smollm2_dir):
     from axolotl_prefalign.plugin import PrefAlignPlugin
 
