@@ -133,5 +133,26 @@ def denoise(config: Path) -> None:
     denoise_from_config(load_config(config))
 
 
+@prefalign.command("export")
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["llamafactory"]),
+    required=True,
+    help="Framework to write for.",
+)
+@config_arg
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def export(target: str, config: Path, out_dir: Path) -> None:
+    """Write the YAML's prepared data (contrast, SPA pairs, RobustFT) for another
+    framework, with its dataset declarations (LLaMA-Factory: dataset_info.json)."""
+    from .export import ExportError, export_from_config
+
+    try:
+        export_from_config(load_config(config), out_dir, target=target, echo=click.echo)
+    except ExportError as err:
+        raise click.ClickException(f"ExportError: {err}") from err
+
+
 def main() -> None:  # pragma: no cover - console entry
     prefalign(prog_name=Path(sys.argv[0]).name)
