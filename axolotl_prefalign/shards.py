@@ -10,13 +10,49 @@ processes the rest, so nothing is lost or duplicated.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+LOG = logging.getLogger("axolotl_prefalign")
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed once initialised,
+    else the launcher's RANK / WORLD_SIZE (torchrun, accelerate, deepspeed)."""
+    # Only ask torch when it is already imported: this module stays light.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True on the process that writes pipeline outputs (rank 0, or no launcher)."""
+    return process_rank()[0] == 0
+
+
+def main_process_only(what: str) -> bool:
+    """Whether to run a single-process pipeline here: True on the main process; on
+    any other rank of a multi-process launch, say so and return False (the main
+    process writes every shard and manifest, so ranks never race on one folder)."""
+    rank, world = process_rank()
+    if rank == 0:
+        if world > 1:
+            LOG.warning(
+                "%s runs on one process; the %d other rank(s) of this launch do "
+                "nothing (run it without accelerate/torchrun)",
+                what,
+                world - 1,
+            )
+        return True
+    LOG.info("%s: rank %d of %d: the main process does this work", what, rank, world)
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -35,7 +35,12 @@ from datasets import Dataset
 
 from ..args import RobustFTConfig
 from ..rows import RowChecker, text_problem
-from ..shards import ShardWriter, atomic_write_json, atomic_write_text
+from ..shards import (
+    ShardWriter,
+    atomic_write_json,
+    atomic_write_text,
+    main_process_only,
+)
 from .answers import (
     LabelError,
     answers_match,
@@ -717,6 +722,8 @@ def denoise_from_config(
             f"no `datasets:` entry has `type: {DATASET_TYPE}`; RobustFT denoises "
             "those entries only"
         )
+    if not main_process_only("axolotl prefalign denoise"):
+        return []
     results = []
     for ds_cfg in entries:
         result = denoise_entry(

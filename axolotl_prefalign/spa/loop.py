@@ -39,7 +39,7 @@ from typing import Any
 
 from ..args import SpaConfig, SpaPromptSource
 from ..rows import RowChecker, text_problem
-from ..shards import atomic_write_json, atomic_write_text
+from ..shards import atomic_write_json, atomic_write_text, main_process_only
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -383,6 +383,8 @@ def expand_from_config(
 
     pa = prefalign_config(cfg)
     spa = pa.spa
+    if not main_process_only("SPA expansion"):
+        return {}
     if not 1 <= iteration <= spa.iterations:
         raise SpaLoopError(
             f"--iteration must be in 1..{spa.iterations} (prefalign.spa.iterations)"
@@ -713,6 +715,8 @@ def run_from_config(
 
     from ..plugin import prefalign_config
 
+    if not main_process_only("the SPA loop"):
+        return {}
     config_path = Path(config_path).resolve()
     raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     if PLUGIN not in (raw.get("plugins") or []):
