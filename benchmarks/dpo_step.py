@@ -70,43 +70,13 @@ def build_model(args, device):
 
 
 def dataset(args):
-    import random
-
+    """Pairs whose prompt+chosen and prompt+rejected are exactly `tokens` long."""
     from datasets import Dataset
+    from gpu_dpo_24gb import pair_rows  # same folder; imported lazily (it imports us)
 
-    rng = random.Random(0)
-    rows = []
-    prompt_len = args.tokens // 4
-    for _ in range(args.steps + 1):
-        for _ in range(args.batch):
-            ids = [rng.randrange(10, args.vocab) for _ in range(2 * args.tokens)]
-            rows.append(
-                {
-                    "prompt_ids": ids[:prompt_len],
-                    "chosen_ids": ids[prompt_len : args.tokens],
-                    "rejected_ids": ids[args.tokens : 2 * args.tokens - prompt_len],
-                }
-            )
-    return Dataset.from_list(rows)
-
-
-class _Tok:
-    """Just enough tokenizer for TRL with pre-tokenized rows."""
-
-    pad_token_id = 0
-    eos_token_id = 2
-    bos_token_id = 1
-    pad_token = "<pad>"
-    eos_token = "</s>"
-    chat_template = None
-    padding_side = "right"
-    model_input_names = ["input_ids", "attention_mask"]
-
-    def __call__(self, *a, **k):  # pragma: no cover - not used with ids
-        raise NotImplementedError
-
-    def save_pretrained(self, *a, **k):
-        return ()
+    return Dataset.from_list(
+        pair_rows(args.batch * (args.steps + 1), args.tokens, args.vocab)
+    )
 
 
 def worker(args) -> dict:
@@ -143,12 +113,14 @@ def worker(args) -> dict:
         save_strategy="no",
         dataloader_num_workers=0,
     )
+    from gpu_dpo_24gb import word_tokenizer
+
     trainer = cls(
         model,
         None,
         args=targs,
         train_dataset=dataset(args),
-        processing_class=_Tok(),
+        processing_class=word_tokenizer(args.vocab),
         **extra,
     )
     times: list[float] = []
@@ -211,9 +183,12 @@ def main() -> None:
 
     results = {}
     for which in ("stock", "prefalign"):
-        cmd = [sys.executable, __file__, "--which", which] + [
-            a for a in sys.argv[1:] if not a.startswith("--out")
-        ]
+        cmd = [sys.executable, __file__, "--which", which]
+        for key, value in vars(args).items():
+            if key in ("which", "out") or value is False:
+                continue
+            flag = "--" + key.replace("_", "-")
+            cmd += [flag] if value is True else [flag, str(value)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
