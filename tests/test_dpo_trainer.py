@@ -396,3 +396,15 @@ def test_packed_forward_equals_padded(ours, loss):
     ):
         if p1.requires_grad and p1.grad is not None:
             torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=n1)
+
+
+@pytest.mark.parametrize("how", ["zero3", "flat"])
+def test_sharded_lm_head_is_a_clear_error(ours, how):
+    trainer = ours("sigmoid")
+    head = trainer.model.get_base_model().get_output_embeddings()
+    if how == "zero3":
+        head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on its parameters
+    else:
+        head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    with pytest.raises(RuntimeError, match="does not support a sharded lm_head"):
+        trainer.compute_loss(trainer.model, _batch(trainer))

@@ -127,7 +127,25 @@ def _head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
             "prefalign's fused log-prob path needs a plain nn.Linear lm_head, got "
             f"{type(head).__name__}; do not put lm_head in lora_target_modules"
         )
+    _check_not_sharded(head.weight)
     return head.weight, head.bias
+
+
+def _check_not_sharded(weight: torch.Tensor) -> None:
+    # The fused path reads lm_head.weight outside the head's own forward, where
+    # ZeRO-3 / FSDP full sharding leave only a shard (or an empty placeholder).
+    sharded = (
+        hasattr(weight, "ds_id")  # DeepSpeed ZeRO-3 parameter
+        or type(weight).__name__ == "DTensor"  # FSDP2
+        or weight.dim() != 2
+        or weight.numel() == 0  # FSDP1 flat-parameter view outside forward
+    )
+    if sharded:
+        raise RuntimeError(
+            "prefalign's fused log-prob path does not support a sharded lm_head "
+            "(DeepSpeed ZeRO-3 or FSDP full sharding) yet: use DDP or ZeRO-1/2 "
+            "(docs/multi-gpu.md)"
+        )
 
 
 JUDGE_FIELDS = ("judge_prob",)
