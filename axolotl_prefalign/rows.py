@@ -56,12 +56,6 @@ class RowChecker:
             )
 
 
-def text_field(row: Mapping[str, Any], name: str) -> str | None:
-    """The non-empty string in `row[name]`, or None with the reason via `text_problem`."""
-    value = row.get(name)
-    return value if isinstance(value, str) and value.strip() else None
-
-
 def text_problem(row: Mapping[str, Any], name: str) -> str | None:
     """Why `row[name]` is not usable text, or None when it is."""
     if name not in row or row[name] is None:
