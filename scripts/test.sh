@@ -8,6 +8,9 @@ VENV=${VENV-.venv}
 # shellcheck disable=SC1091
 [ -z "$VENV" ] || . "$VENV/bin/activate"
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+if [ -z "${SKIP_LINT:-}" ]; then
+  ruff check . && ruff format --check . || { echo "test.sh: ruff failed" >&2; exit 1; }
+fi
 python -m pytest -m "not gpu" -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
