@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..heads import causal_lm, plain_lm_head
 from .pairs import completion_text, prompt_text
 
 IGNORE = -100
@@ -84,29 +85,6 @@ def encode_like_trl(
     return list(prompt_ids), list(full_ids[len(prompt_ids) :])
 
 
-def _causal_lm(model: Any) -> Any:
-    # A PeftModel's base model keeps the LoRA layers (and `disable_adapter` switches
-    # them), so its decoder forward is the adapted model's.
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _head(causal: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    config = getattr(causal, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(
-                f"SPA's fused judge assumes logits = lm_head(hidden); this model sets "
-                f"config.{attr}"
-            )
-    head = causal.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(
-            "SPA's fused judge needs a plain nn.Linear lm_head, got "
-            f"{type(head).__name__}"
-        )
-    return head.weight, head.bias
-
-
 def _batch(
     encoded: list[tuple[list[int], list[int]]], pad_id: int, device: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,8 +114,8 @@ def sequence_logprobs(
     from ONE padded forward of the backbone and the fused lm_head log-softmax."""
     from ..logprobs import token_logprobs
 
-    causal = _causal_lm(model)
-    weight, bias = _head(causal)
+    causal = causal_lm(model)
+    weight, bias = plain_lm_head(causal)
     device = weight.device
     ids, mask, labels = _batch(encoded, pad_id, device)
     out = causal.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -21,6 +21,7 @@ from torch import nn
 from trl.trainer.utils import use_adapter
 
 from ..args import PrefAlignConfig
+from ..heads import causal_lm, plain_lm_head
 from ..logprobs import mixed_token_logprobs, token_logprobs
 from ..losses import MarginWindow, preference_loss
 
@@ -112,42 +113,6 @@ class _HiddenCapture:
         self.handle.remove()
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers CausalLM inside PEFT/accelerate wrappers."""
-    model = getattr(model, "module", model)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
-def _head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = _causal_lm(model).get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise TypeError(
-            "prefalign's fused log-prob path needs a plain nn.Linear lm_head, got "
-            f"{type(head).__name__}; do not put lm_head in lora_target_modules"
-        )
-    _check_not_sharded(head.weight)
-    return head.weight, head.bias
-
-
-def _check_not_sharded(weight: torch.Tensor) -> None:
-    # The fused path reads lm_head.weight outside the head's own forward, where
-    # ZeRO-3 / FSDP full sharding leave only a shard (or an empty placeholder).
-    sharded = (
-        hasattr(weight, "ds_id")  # DeepSpeed ZeRO-3 parameter
-        or type(weight).__name__ == "DTensor"  # FSDP2
-        or weight.dim() != 2
-        or weight.numel() == 0  # FSDP1 flat-parameter view outside forward
-    )
-    if sharded:
-        raise RuntimeError(
-            "prefalign's fused log-prob path does not support a sharded lm_head "
-            "(DeepSpeed ZeRO-3 or FSDP full sharding) yet: use DDP or ZeRO-1/2 "
-            "(docs/multi-gpu.md)"
-        )
-
-
 JUDGE_FIELDS = ("judge_prob",)
 
 
@@ -197,7 +162,7 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
 
     def _hidden_states(self, model: nn.Module, layout: BatchLayout) -> torch.Tensor:
         """Final hidden states aligned with `layout.labels`."""
-        with _HiddenCapture(_causal_lm(model).get_decoder()) as cap:
+        with _HiddenCapture(causal_lm(model).get_decoder()) as cap:
             # use_cache=False also lets transformers see packed position ids.
             # Only one position reaches the lm_head: the fused path does the rest.
             model(**layout.model_kwargs, use_cache=False, logits_to_keep=1)
@@ -243,7 +208,7 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
         ref, ctx = self._reference_context(model)
         with torch.no_grad(), ctx:
             hidden = self._hidden_states(ref, layout)
-            weight, bias = _head(ref)
+            weight, bias = plain_lm_head(ref)
             logps = self._sequence_logps(hidden, weight, bias, layout)
         return logps.chunk(2, dim=0)
 
@@ -259,7 +224,7 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
         layout = self._layout(inputs)
-        weight, bias = _head(model)
+        weight, bias = plain_lm_head(model)
         hidden = self._hidden_states(model, layout)
         logps = self._sequence_logps(hidden, weight, bias, layout)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
@@ -272,7 +237,7 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
             ref_chosen = inputs["ref_chosen_logps"].to(logps)
             ref_rejected = inputs["ref_rejected_logps"].to(logps)
         else:
-            ref_weight, ref_bias = _head(self._reference_context(model)[0])
+            ref_weight, ref_bias = plain_lm_head(self._reference_context(model)[0])
             with torch.no_grad():
                 ref_logps = self._sequence_logps(
                     ref_hidden, ref_weight, ref_bias, layout
@@ -320,8 +285,8 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
     def _dnd_margin(self, model, hidden, ref_hidden, layout, ref_chosen, ref_rejected):
         """m_g: the DPO margin of z_g = (1+λ)·z_θ − λ·z_ref, a simulated more
         strongly aligned model (SPA's de-coupled noise detection); no gradient."""
-        weight, bias = _head(model)
-        ref_weight, ref_bias = _head(self._reference_context(model)[0])
+        weight, bias = plain_lm_head(model)
+        ref_weight, ref_bias = plain_lm_head(self._reference_context(model)[0])
         token_lp = mixed_token_logprobs(
             hidden.detach(),
             ref_hidden,

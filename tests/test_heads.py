@@ -1,0 +1,54 @@
+"""The lm_head lookup shared by every user of the fused log-prob path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from axolotl_prefalign.heads import causal_lm, plain_lm_head
+
+
+def test_plain_head_of_a_peft_model_is_the_base_models_linear(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert causal_lm(peft) is tiny_model
+    weight, bias = plain_lm_head(peft)
+    assert weight is tiny_model.lm_head.weight
+    assert bias is None
+
+
+@pytest.mark.parametrize(
+    ("attr", "value"),
+    [
+        ("final_logit_softcapping", 30.0),
+        ("logit_scale", 0.0625),
+        ("logits_scaling", 8.0),
+    ],
+)
+def test_models_that_postprocess_logits_are_refused(tiny_model, attr, value):
+    setattr(tiny_model.config, attr, value)
+    with pytest.raises(NotImplementedError, match=rf"config\.{attr} = {value}"):
+        plain_lm_head(tiny_model)
+
+
+@pytest.mark.parametrize(
+    ("attr", "value"), [("logit_scale", 1.0), ("logits_scaling", None)]
+)
+def test_neutral_postprocessing_values_are_fine(tiny_model, attr, value):
+    setattr(tiny_model.config, attr, value)
+    assert plain_lm_head(tiny_model)[0] is tiny_model.lm_head.weight
+
+
+def test_lora_on_the_lm_head_is_refused(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(TypeError, match="do not put lm_head in lora_target_modules"):
+        plain_lm_head(peft)
+
+
+def test_a_sharded_weight_is_refused(tiny_model):
+    tiny_model.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    with pytest.raises(RuntimeError, match="does not support a sharded lm_head"):
+        plain_lm_head(tiny_model)
