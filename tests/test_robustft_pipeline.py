@@ -721,3 +721,51 @@ def test_ordinary_agreement_is_not_flagged(tmp_path, caplog):
         result = run(tmp_path, FakeModel(REPLIES))
     assert result.report["clean"] == 3
     assert "experts agreed with only" not in caplog.text
+
+
+def test_clean_rows_keep_their_original_answer_text(tmp_path):
+    rows = [
+        {"question": "How far is the lake?", "answer": "5 km", "gold": "5"},
+        {"question": "What does the lunch cost?", "answer": "$12.50", "gold": "12.5"},
+        {
+            "question": "Which is a fruit?",
+            "options": ["Rock", "Apple", "Chair"],
+            "answer": "(b)",
+            "gold": "B",
+        },
+        {"question": "How many apples?", "answer": "5", "gold": "6"},
+    ]
+    q = [r["question"] for r in rows]
+    replies = {
+        ("plain", q[0]): "Answer: 5",
+        ("reasoning", q[0]): "Answer: 5",
+        ("plain", q[1]): "Answer: 12.5",
+        ("reasoning", q[1]): "Answer: 12.50",
+        ("plain", q[2]): "Answer: B",
+        ("reasoning", q[2]): "Answer: B",
+        ("plain", q[3]): "Answer: 6",
+        ("reasoning", q[3]): "Answer: 6 apples",
+        ("context", q[3]): ("Answer: 6", [-0.2]),
+    }
+    result = P.denoise_dataset(
+        Dataset.from_list([{"options": None, **r} for r in rows[:2]] + rows[2:]),
+        settings(),
+        tmp_path / "o",
+        base_model="fake",
+        load_predictor=lambda p: FakeModel(replies),
+        encoder=bow_encoder,
+    )
+    got = by_index(result)
+    assert [got[i]["robustft_status"] for i in range(4)] == ["clean"] * 3 + [
+        "relabelled"
+    ]
+    for i, text in enumerate(["5 km", "$12.50", "(b)"]):
+        assert got[i]["answer"] == text
+        assert got[i]["robustft_original_answer"] == text
+        assert got[i]["robustft_new_answer"] == text
+    assert got[3]["answer"] == "6" and got[3]["robustft_new_answer"] == "6"
+    written = [
+        json.loads(ln)
+        for ln in (tmp_path / "o" / P.TRAIN_FILE).read_text().splitlines()
+    ]
+    assert [r["answer"] for r in written] == ["5 km", "$12.50", "(b)", "6"]

@@ -483,11 +483,14 @@ def _write_outputs(
             all_rows.append(row)
             continue
         r = info[idx]
-        new = (
-            write_label(r["new"], r["kind"], r["style"], r["options"])
-            if r["new"] is not None
-            else None
-        )
+        if r["status"] == "clean":
+            # D_clean is kept as it is: its parsed label ('5' for '5 km') is only
+            # for comparing votes, never written back over the original answer.
+            new = original.get(answer_field)
+        elif r["new"] is not None:
+            new = write_label(r["new"], r["kind"], r["style"], r["options"])
+        else:
+            new = None
         row.update(
             {
                 f"{PREFIX}index": idx,
