@@ -76,6 +76,33 @@ def _cpu_safe_lora_kernels(cfg: dict) -> None:
     LOG.info("prefalign: no CUDA device: Axolotl's fused LoRA kernels are off")
 
 
+# Axolotl DPO settings that our trainer would silently bypass or ignore, with what
+# to use instead under `prefalign:`.
+CONFLICTING_DPO_KEYS = {
+    "dpo_loss_type": "prefalign.loss",
+    "dpo_loss_weights": "one prefalign.loss",
+    "dpo_label_smoothing": "prefalign.loss: cdpo (or robust) with "
+    "prefalign.label_smoothing",
+    "dpo_use_liger_kernel": "prefalign's own fused log-prob path (leave it unset)",
+    "dpo_use_weighting": "nothing: WPO weighting is not implemented by prefalign",
+    "dpo_padding_free": "prefalign.packing: true",
+    "dpo_norm_loss": "prefalign.loss: ipo (length-normalised)",
+    "rpo_alpha": "nothing: the RPO NLL term is not implemented by prefalign",
+    "pad_to_multiple_of": "nothing (leave it unset): it switches Axolotl to a "
+    "collator whose batches the prefalign trainer does not read",
+}
+
+
+def _reject_conflicting_dpo_keys(cfg: dict) -> None:
+    bad = [k for k in CONFLICTING_DPO_KEYS if cfg.get(k) not in (None, False)]
+    if bad:
+        advice = "; ".join(f"{k} → use {CONFLICTING_DPO_KEYS[k]}" for k in bad)
+        raise PrefAlignConfigError(
+            "these Axolotl DPO settings conflict with prefalign's DPO trainer "
+            f"(it would bypass or ignore them): {advice}"
+        )
+
+
 class PrefAlignPlugin(BasePlugin):
     """SPA, plaintext contrast SFT, RobustFT and a fused log-prob path for Axolotl."""
 
@@ -100,6 +127,7 @@ class PrefAlignPlugin(BasePlugin):
                     f"{what} runs under `rl: dpo`, but rl is {rl!r}; set `rl: dpo` "
                     "(the loss is chosen by prefalign.loss, not rl)"
                 )
+            _reject_conflicting_dpo_keys(cfg)
             self._install_trainer(cfg, TRAINER_CLS)
         elif pa.contrast.unlikelihood_weight > 0 and not cfg.get("rl"):
             self._install_trainer(cfg, SFT_TRAINER_CLS)

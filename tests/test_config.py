@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,25 @@ def test_loss_installs_our_trainer(tiny_model_dir):
     from axolotl_prefalign.trainers.dpo import PrefAlignDPOTrainer
 
     assert get_cls_from_module_str(cfg["trainer_cls"]) is PrefAlignDPOTrainer
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "advice"),
+    [
+        ("dpo_label_smoothing", 0.1, "prefalign.loss: cdpo"),
+        ("dpo_use_liger_kernel", True, "prefalign's own fused log-prob path"),
+        ("dpo_padding_free", True, "prefalign.packing: true"),
+        ("dpo_loss_type", ["hinge"], "prefalign.loss"),
+        ("pad_to_multiple_of", 8, "nothing (leave it unset)"),
+    ],
+)
+def test_axolotl_dpo_settings_our_trainer_would_ignore_are_errors(
+    tiny_model_dir, key, value, advice
+):
+    raw = _base_cfg(tiny_model_dir, rl="dpo", prefalign={"loss": "spa"})
+    raw[key] = value
+    with pytest.raises(PrefAlignConfigError, match=rf"{key} → use {re.escape(advice)}"):
+        axolotl_validate(raw)
 
 
 def test_conflicting_trainer_cls_is_an_error(tiny_model_dir):

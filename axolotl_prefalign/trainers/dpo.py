@@ -221,6 +221,12 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
         return loss.detach(), None, None
 
     # -- loss ----------------------------------------------------------------
+    def compute_loss(
+        self, model, inputs, return_outputs=False, num_items_in_batch=None
+    ):
+        # Always our loss: TRL would route to its own (liger) loss on a flag.
+        return self._compute_loss(model, inputs, return_outputs)
+
     def _compute_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
         layout = self._layout(inputs)
