@@ -537,6 +537,12 @@ class ContrastFormat:
                 f"{self.source}: the contrast format needs a map-style dataset "
                 "(streaming datasets are not supported)"
             )
+        if len(dataset) == 0:
+            # map() over no rows adds no status column; say so before it fails later.
+            raise ValueError(
+                f"{self.source} has no rows: the contrast format needs at least one "
+                "row (check the dataset path, split and any filtering)"
+            )
         # Bad rows are recorded in a status column rather than raised inside map():
         # that works with num_proc > 1 and lets the error name the FIRST bad row.
         mapped = dataset.map(

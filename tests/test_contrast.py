@@ -418,6 +418,15 @@ def test_bad_row_is_an_error_naming_dataset_row_and_field(
         fmt.wrap_dataset(ds)
 
 
+@pytest.mark.parametrize("columns", [{}, {"prompt": [], "chosen": [], "rejected": []}])
+def test_empty_dataset_is_an_error_naming_the_source(tiny_tokenizer, columns):
+    from datasets import Dataset
+
+    fmt = fmt_for(tiny_tokenizer, source="data/pairs.jsonl")
+    with pytest.raises(ValueError, match=r"^data/pairs\.jsonl has no rows"):
+        fmt.wrap_dataset(Dataset.from_dict(columns))
+
+
 def test_non_text_answer_is_a_bad_row(tiny_tokenizer):
     with pytest.raises(
         BadRowError, match="row 2, field 'chosen': must be text, got int"
