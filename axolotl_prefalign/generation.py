@@ -68,6 +68,7 @@ def generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     do_sample = temperature > 0
+    stop_ids = eos_token_ids(model, tokenizer)
     results: list[list[Generation]] = []
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
@@ -88,7 +89,7 @@ def generate(
                 top_k=0 if do_sample else None,
                 num_return_sequences=num_return_sequences,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids,
                 use_cache=True,
                 return_dict_in_generate=True,
                 output_logits=return_logprobs,
@@ -102,7 +103,7 @@ def generate(
                 logps = steps.gather(-1, new.unsqueeze(-1)).squeeze(-1)
             for row in range(new.shape[0]):
                 ids = new[row].tolist()
-                n = _length(ids, tokenizer)
+                n = _length(ids, stop_ids, tokenizer.pad_token_id)
                 gen = Generation(
                     text=tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
                     token_ids=ids[:n],
@@ -117,13 +118,26 @@ def generate(
     return results
 
 
-def _length(ids: list[int], tokenizer: Any) -> int:
-    """Tokens up to and including the first EOS; trailing padding dropped."""
-    eos = tokenizer.eos_token_id
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS and the model's own list.
+
+    Chat models often end turns with a token that is not the tokenizer's EOS
+    (Gemma's <end_of_turn>, Llama-3's <|eot_id|>); their generation_config lists it.
+    """
+    ids = [tokenizer.eos_token_id]
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _length(ids: list[int], stop_ids: list[int], pad_id: int | None) -> int:
+    """Tokens up to and including the first stop token; trailing padding dropped."""
+    stops = set(stop_ids)
     for i, t in enumerate(ids):
-        if t == eos:
+        if t in stops:
             return i + 1
     n = len(ids)
-    while n and ids[n - 1] == tokenizer.pad_token_id:
+    while n and ids[n - 1] == pad_id:
         n -= 1
     return n
