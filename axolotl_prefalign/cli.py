@@ -41,22 +41,25 @@ def load_config(config: str | Path):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input or a failed stage: shown without traceback."""
     from .args import PrefAlignConfigError
+    from .export import ExportError
     from .models import DefaultModelError
+    from .robustft.answers import LabelError
+    from .robustft.pipeline import RobustFTError
+    from .robustft.relabel import EncoderError
     from .rows import BadRowError
+    from .spa.loop import SpaLoopError
 
-    errors: list[type[BaseException]] = [
+    return (
         PrefAlignConfigError,
         DefaultModelError,
         BadRowError,
         FileNotFoundError,
-    ]
-    try:
-        from .spa.loop import SpaLoopError
-
-        errors.append(SpaLoopError)
-    except ImportError:  # pragma: no cover - partial installs
-        pass
-    return tuple(errors)
+        SpaLoopError,
+        RobustFTError,
+        EncoderError,
+        LabelError,
+        ExportError,
+    )
 
 
 class PrefAlignGroup(click.Group):

@@ -65,3 +65,22 @@ def test_typo_in_prefalign_block_is_one_clear_line(tmp_path, tiny_model_dir):
     )
     assert "'prefalign.spa.alhpa' (did you mean 'alpha'?)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_pipeline_errors_are_one_clear_line(tmp_path, tiny_model_dir):
+    cfg = {
+        "base_model": str(tiny_model_dir),
+        "plugins": ["axolotl_prefalign.PrefAlignPlugin"],
+        "datasets": [{"path": "x.jsonl", "ds_type": "json", "type": "alpaca"}],
+        "micro_batch_size": 1,
+        "num_epochs": 1,
+        "learning_rate": 1e-4,
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "no_robustft.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(prefalign, ["denoise", str(path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: RobustFTError: ")
+    assert "axolotl_prefalign.robustft" in result.output
+    assert "Traceback" not in result.output
