@@ -466,14 +466,11 @@ def test_policy_spec_for_an_explicit_model(tmp_path, tiny_model_dir):
     assert full.adapters == [] and full.init_path == str(tiny_model_dir)
 
 
-def test_expand_from_config_judges_with_the_loop_layout(
-    tmp_path, tiny_model_dir, monkeypatch
-):
+def _loop_config(tmp_path, tiny_model_dir, **spa):
+    """An SPA loop config on the tiny model with iter_0's LoRA adapter in place."""
     from transformers import AutoModelForCausalLM
 
     from axolotl_prefalign.cli import load_config
-    from axolotl_prefalign.spa import loop as loop_mod
-    from axolotl_prefalign.spa.loop import expand_from_config
 
     prompts = _prompt_file(tmp_path / "prompts.jsonl", 4)
     out = tmp_path / "out"
@@ -488,6 +485,7 @@ def test_expand_from_config_judges_with_the_loop_layout(
                 "iterations": 2,
                 "max_new_tokens": 5,
                 "prompts": [{"path": str(prompts)}],
+                **spa,
             }
         },
         "rl": "dpo",
@@ -513,7 +511,16 @@ def test_expand_from_config_judges_with_the_loop_layout(
     }
     path = tmp_path / "spa.yml"
     path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(path)
+    return load_config(path), out
+
+
+def test_expand_from_config_judges_with_the_loop_layout(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from axolotl_prefalign.spa import loop as loop_mod
+    from axolotl_prefalign.spa.loop import expand_from_config
+
+    cfg, out = _loop_config(tmp_path, tiny_model_dir)
     summary = expand_from_config(cfg, 1)
     assert summary["prompts"] == 2  # 4 prompts split into 2 iterations
     manifest = json.loads((out / "iter_1/pairs/manifest.json").read_text())
@@ -526,6 +533,31 @@ def test_expand_from_config_judges_with_the_loop_layout(
     assert expand_from_config(cfg, 1) == summary
     with pytest.raises(SpaLoopError, match="--iteration must be in 1..2"):
         expand_from_config(cfg, 3)
+
+
+@pytest.mark.parametrize("backend", ["auto", "vllm"])
+def test_vllm_without_one_model_folder(tmp_path, tiny_model_dir, monkeypatch, backend):
+    """With vLLM importable (faked) but π_0 only an adapter: auto falls back to HF
+    generation; an explicit vllm is an error that says what to do."""
+    from axolotl_prefalign.spa import expand as expand_mod
+    from axolotl_prefalign.spa.loop import expand_from_config
+
+    def with_vllm(spa):  # choose_backend's answer where vllm and CUDA are there
+        return "hf" if spa.generation_backend == "hf" else "vllm"
+
+    def no_vllm(*args, **kwargs):
+        raise AssertionError("vLLM must not be started")
+
+    monkeypatch.setattr(expand_mod, "choose_backend", with_vllm)
+    monkeypatch.setattr(expand_mod, "VllmGenerator", no_vllm)
+    cfg, out = _loop_config(tmp_path, tiny_model_dir, generation_backend=backend)
+    if backend == "vllm":
+        with pytest.raises(SpaLoopError, match=r"vLLM needs π_0 as one model folder"):
+            expand_from_config(cfg, 1)
+        return
+    assert expand_from_config(cfg, 1)["prompts"] == 2
+    manifest = json.loads((out / "iter_1/pairs/manifest.json").read_text())
+    assert manifest["meta"]["backend"] == "hf"
 
 
 # -- end to end ------------------------------------------------------------------------

@@ -396,6 +396,16 @@ def expand_from_config(
     spec = policy_spec(cfg, iteration, model_path)
     tokenizer = load_tokenizer(cfg)
     backend = choose_backend(spa)
+    auto = spa.generation_backend == "auto"
+    if backend == "vllm" and spec.vllm_path is None and auto:
+        # vLLM loads one model folder; π_{i−1} as stacked adapters is HF-only. Decided
+        # before expansion_meta, which records the backend that generated the pairs.
+        LOG.info(
+            "SPA iteration %d: π_%d is not one model folder; generating with HF",
+            iteration,
+            iteration - 1,
+        )
+        backend = "hf"
     kept, _ = prepare_prompts(
         prompts,
         tokenizer,
