@@ -135,6 +135,26 @@ def test_malformed_prompt_rows_name_file_row_and_field(tmp_path, caplog):
         load_prompts(SpaPromptSource(path=str(tmp_path / "nope.jsonl")))
 
 
+def test_bad_jsonl_rows_name_their_line_in_the_file(tmp_path, caplog):
+    """Blank lines are not rows, so the error also names the line to look at."""
+    path = tmp_path / "p.jsonl"
+    src = SpaPromptSource(path=str(path))
+    path.write_text('\n{"prompt": "good one"}\n\n\n{not json\n')
+    with pytest.raises(
+        BadRowError, match=r"p.jsonl, row 1: invalid JSON \(.*\) \(line 5 of the file\)"
+    ):
+        load_prompts(src)
+    path.write_text('{"prompt": "a"}\n\n["a list"]\n')
+    with pytest.raises(BadRowError, match=r"row 1: must be an object.*\(line 3 "):
+        load_prompts(src)
+    path.write_text('\n\n{"prompt": "a"}\n\n{"text": "b"}\n{"text": "c"}\n')
+    with pytest.raises(BadRowError, match=r"row 1, field 'prompt': .*\(line 5 "):
+        load_prompts(src)
+    with caplog.at_level(logging.WARNING, logger="axolotl_prefalign"):
+        assert load_prompts(src, "skip")["index"] == [0]
+    assert "2 × prompt: missing" in caplog.text  # skips still group by problem
+
+
 # -- orchestration with the stage subprocesses faked -----------------------------
 
 
