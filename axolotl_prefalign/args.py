@@ -318,6 +318,12 @@ class PrefAlignConfig(_Strict):
                 "prefalign.label_smoothing only applies to loss: cdpo or robust "
                 f"(loss is {self.loss!r})"
             )
+        if self.reference_cache and self.loss == "spa" and self.spa.dnd:
+            raise ValueError(
+                "prefalign.reference_cache saves nothing with SPA's de-coupled noise "
+                "detection (it needs the reference logits every step); set "
+                "prefalign.reference_cache: false or prefalign.spa.dnd: false"
+            )
         return self
 
     @property

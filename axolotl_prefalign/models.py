@@ -65,6 +65,18 @@ def prepare_default_model(force: bool = False) -> Path:
     out = default_model_path()
     if (out / _MARKER).exists() and not force:
         return out
+    from filelock import FileLock
+
+    # Every rank of a multi-process run calls this: one converts, the others wait
+    # and then find the finished folder.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if (out / _MARKER).exists() and not force:
+            return out
+        return _convert(out)
+
+
+def _convert(out: Path) -> Path:
     gguf = _gguf_location()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -205,3 +205,12 @@ def test_every_yaml_example_validates_through_axolotl(path, monkeypatch):
 def test_examples_exist():
     names = {p.name for p in EXAMPLES}
     assert "quickstart-cpu.yml" in names
+
+
+def test_reference_cache_with_spa_dnd_is_refused():
+    with pytest.raises(PrefAlignConfigError, match="reference_cache saves nothing"):
+        PrefAlignConfig.from_raw({"loss": "spa", "reference_cache": True})
+    ok = PrefAlignConfig.from_raw(
+        {"loss": "spa", "reference_cache": True, "spa": {"dnd": False}}
+    )
+    assert ok.reference_cache

@@ -221,3 +221,25 @@ def test_one_forward_per_model_per_batch_and_reference_cache(
     assert calls == [6, 3]  # π_init comes from the cache
     for a, b in zip(again, first, strict=True):
         assert a.rewards == pytest.approx(b.rewards, abs=1e-6)
+
+
+class _BosTokenizer:
+    """Adds BOS to every encoding; '\\x01' in the text also encodes to BOS (id 1),
+    as a chat template that writes BOS itself does."""
+
+    bos_token_id = 1
+
+    def __call__(self, text):
+        return {"input_ids": [1] + [ord(c) for c in text]}
+
+
+def test_encode_like_trl_drops_a_doubled_bos_as_axolotl_does():
+    from axolotl_prefalign.spa.judge import encode_like_trl
+
+    prompt_ids, completion_ids = encode_like_trl(_BosTokenizer(), "\x01ab", "cd")
+    assert prompt_ids == [1, 97, 98]
+    assert completion_ids == [99, 100]
+    # no doubled BOS: nothing removed
+    prompt_ids, completion_ids = encode_like_trl(_BosTokenizer(), "ab", "cd")
+    assert prompt_ids == [1, 97, 98]
+    assert completion_ids == [99, 100]

@@ -79,10 +79,24 @@ def choose_pair(
 def encode_like_trl(
     tokenizer: Any, prompt: str, completion: str
 ) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) exactly as TRL's DPO `_prepare_dataset` has them."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full_ids = tokenizer(prompt + completion)["input_ids"]
-    return list(prompt_ids), list(full_ids[len(prompt_ids) :])
+    """(prompt ids, completion ids) exactly as Axolotl's DPO trainer has them: TRL's
+    `_prepare_dataset` tokenization, then Axolotl's removal of a doubled BOS (a chat
+    template that writes BOS, plus the tokenizer adding one)."""
+    from axolotl.utils.data.utils import remove_double_bos_token
+
+    bos = tokenizer.bos_token_id
+
+    def encode(text: str) -> list[int]:
+        ids = {"input_ids": list(tokenizer(text)["input_ids"])}
+        return (
+            remove_double_bos_token(ids, bos)["input_ids"]
+            if bos is not None
+            else ids["input_ids"]
+        )
+
+    prompt_ids = encode(prompt)
+    full_ids = encode(prompt + completion)
+    return prompt_ids, full_ids[len(prompt_ids) :]
 
 
 def _batch(
