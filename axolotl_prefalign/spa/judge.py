@@ -24,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..heads import causal_lm, plain_lm_head
+from ..logprobs import IGNORE_INDEX
+from ..losses import implicit_rewards as dpo_implicit_rewards
 from .pairs import completion_text, prompt_text
 
-IGNORE = -100
 TIE_TOLERANCE = 1e-6
 # Why a prompt yields no pair.
 EQUAL_REWARD, IDENTICAL_TEXT, EMPTY_RESPONSE = "equal_reward", "identical_text", "empty"
@@ -56,7 +57,7 @@ def implicit_rewards(
     length_normalized: bool = False,
 ) -> torch.Tensor:
     """r(y) = β·[logp_π(y|x) − logp_init(y|x)], optionally per response token."""
-    reward = beta * (logp_policy.double() - logp_init.double())
+    reward = dpo_implicit_rewards(logp_policy.double(), logp_init.double(), beta)
     if length_normalized:
         reward = reward / n_tokens.double().clamp(min=1)
     return reward
@@ -106,7 +107,7 @@ def _batch(
     width = max(len(p) + len(c) for p, c in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width - 1), IGNORE, dtype=torch.long)
+    labels = torch.full((len(encoded), width - 1), IGNORE_INDEX, dtype=torch.long)
     for row, (p, c) in enumerate(encoded):
         seq = p + c
         ids[row, : len(seq)] = torch.tensor(seq)
@@ -137,7 +138,7 @@ def sequence_logprobs(
     per_token = token_logprobs(
         hidden[:, :-1], weight, labels, bias=bias, chunk_size=chunk_size
     )
-    return per_token.double().sum(-1).cpu(), (labels != IGNORE).sum(-1).cpu()
+    return per_token.double().sum(-1).cpu(), (labels != IGNORE_INDEX).sum(-1).cpu()
 
 
 def _reference_context(model: Any, init_model: Any):

@@ -21,8 +21,8 @@ from axolotl.utils.collators import (
     V2BatchSamplerDataCollatorForSeq2Seq,
 )
 
-IGNORE_INDEX = -100
-NEGATIVE_LABELS = "negative_labels"
+from ..contrast import NEGATIVE_LABELS
+from ..logprobs import IGNORE_INDEX
 
 
 def unlikelihood_loss(

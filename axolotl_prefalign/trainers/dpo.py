@@ -22,10 +22,8 @@ from trl.trainer.utils import use_adapter
 
 from ..args import PrefAlignConfig
 from ..heads import causal_lm, plain_lm_head
-from ..logprobs import mixed_token_logprobs, token_logprobs
-from ..losses import MarginWindow, preference_loss
-
-IGNORE = -100
+from ..logprobs import IGNORE_INDEX, mixed_token_logprobs, token_logprobs
+from ..losses import MarginWindow, implicit_rewards, preference_loss
 
 
 def _current_prefalign() -> PrefAlignConfig:
@@ -56,7 +54,7 @@ class BatchLayout:
     @classmethod
     def padded(cls, inputs: dict) -> BatchLayout:
         labels = inputs["input_ids"][:, 1:].clone()
-        labels[inputs["completion_mask"][:, 1:] == 0] = IGNORE
+        labels[inputs["completion_mask"][:, 1:] == 0] = IGNORE_INDEX
         kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
         return cls(kwargs, labels, inputs["input_ids"].shape[0])
 
@@ -72,7 +70,7 @@ class BatchLayout:
         positions = torch.arange(ids.shape[0], device=ids.device) - starts[segment]
         # The label of position j is token j+1 of the same sequence, if it is a
         # completion token; a sequence's last position predicts nothing.
-        labels = torch.full_like(ids, IGNORE)
+        labels = torch.full_like(ids, IGNORE_INDEX)
         same = segment[1:] == segment[:-1]
         nxt = same & completion[1:]
         labels[:-1][nxt] = ids[1:][nxt]
@@ -88,7 +86,7 @@ class BatchLayout:
 
     def lengths(self) -> torch.Tensor:
         """Completion tokens per sequence."""
-        return self.per_sequence((self.labels != IGNORE).float())
+        return self.per_sequence((self.labels != IGNORE_INDEX).float())
 
 
 class _HiddenCapture:
@@ -332,8 +330,8 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
     def _log_dpo_metrics(self, mode, inputs, chosen, rejected, ref_c, ref_r) -> None:
         """TRL's metric names, so existing dashboards understand them."""
         gather = self.accelerator.gather_for_metrics
-        chosen_rewards = self.beta * (chosen - ref_c).detach()
-        rejected_rewards = self.beta * (rejected - ref_r).detach()
+        chosen_rewards = implicit_rewards(chosen, ref_c, self.beta)
+        rejected_rewards = implicit_rewards(rejected, ref_r, self.beta)
         m = self._metrics[mode]
         m["rewards/chosen"].append(gather(chosen_rewards).mean().item())
         m["rewards/rejected"].append(gather(rejected_rewards).mean().item())
