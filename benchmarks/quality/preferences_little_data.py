@@ -105,10 +105,13 @@ def spa_cfg(work: Path, seed_path: Path, prompts: Path, n_prompts: int, args, se
 
 
 def contrast_cfg(work: Path, data: Path, args: Any, seed: int) -> dict:
-    """Plaintext contrast SFT (default contrast settings) on the seed pairs."""
+    """Plaintext contrast SFT (preset en, raw mode) on the seed pairs."""
     cfg = common.base_cfg(work / "contrast_seed", seed)
     cfg.update(
         {
+            # as yaml_examples/contrast-sft.yml: a quarter of the rows are
+            # positive-only, the form of the inference prompt we score with
+            "prefalign": {"contrast": {"positive_only_ratio": 0.25, "seed": seed}},
             "datasets": [
                 {
                     "path": str(data),
