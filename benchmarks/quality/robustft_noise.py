@@ -142,7 +142,7 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
     record["actual_noise"] = sum(r["answer"] != r["gold"] for r in train) / len(train)
     ax = common.axolotl_bin()
     for arm in args.arms:
-        if arm in record["arms"]:
+        if "wall_s" in record["arms"].get(arm, {}):
             continue
         t0 = time.time()
         entry: dict[str, Any] = {}
@@ -167,6 +167,9 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
             report_path = next((work / "robustft" / "denoised").glob("*/report.json"))
             report = json.loads(report_path.read_text())
             entry["denoise_report"] = report
+            # keep the detection numbers even if training is interrupted
+            record["arms"][arm] = {**entry, "note": "denoise only so far"}
+            args.save()
             entry["train_s"] = common.run_cmd(
                 [ax, "train", str(y)], work / "robustft.log"
             )
@@ -192,6 +195,7 @@ def table(result: dict) -> str:
         f"{s['n_test']} test rows, {s['epochs']} epochs LoRA r=16, seeds {s['seeds']}"
         f"{', QUICK SMOKE RUN (not a result)' if s['quick'] else ''}.\n",
         "Test accuracy = the option with the higher reply log-likelihood.\n",
+        *([f"Notes: {result['notes']}\n"] if result.get("notes") else []),
         "| seed | untrained | SFT noisy | SFT RobustFT | SFT clean (upper bound) "
         "| detect precision | detect recall | training rows kept |",
         "|---|---|---|---|---|---|---|---|",
@@ -200,7 +204,9 @@ def table(result: dict) -> str:
         arms = rec["arms"]
 
         def acc(a: str, arms: dict = arms) -> str:
-            return f"{arms[a]['test_accuracy']:.1%}" if a in arms else "not run"
+            if "test_accuracy" not in arms.get(a, {}):
+                return "not run"
+            return f"{arms[a]['test_accuracy']:.1%}"
 
         g = _gold(arms.get("robustft", {}))
         rep = (arms.get("robustft") or {}).get("denoise_report") or {}
@@ -229,7 +235,7 @@ def plot(result: dict, path: Path) -> None:
         accs = [
             r["arms"][arm]["test_accuracy"]
             for r in result["runs"].values()
-            if arm in r["arms"]
+            if "test_accuracy" in r["arms"].get(arm, {})
         ]
         if accs:
             names.append(arm)
