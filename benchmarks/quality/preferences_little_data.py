@@ -180,7 +180,9 @@ def evaluate(arm: str, model_dir: Path | None, merged: bool, test: list[dict]) -
         ci, ri = r["options"].index(r["gold"]), r["options"].index(r["rejected"])
         pref += (lp[ci] - lr[ci]) > (lp[ri] - lr[ri])
         task += max(range(len(lp)), key=lp.__getitem__) == ci
-    return {"preference_accuracy": pref / len(test), "task_accuracy": task / len(test)}
+    # the base model's implicit reward against itself is 0 for every answer
+    pref_acc = None if model_dir is None else pref / len(test)
+    return {"preference_accuracy": pref_acc, "task_accuracy": task / len(test)}
 
 
 def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
@@ -252,8 +254,9 @@ def table(result: dict) -> str:
             if e is None:
                 lines.append(f"| {seed} | {arm} | not run | not run |")
             else:
+                p = e["preference_accuracy"]
                 lines.append(
-                    f"| {seed} | {arm} | {e['preference_accuracy']:.1%} "
+                    f"| {seed} | {arm} | {'n/a' if p is None else f'{p:.1%}'} "
                     f"| {e['task_accuracy']:.1%} |"
                 )
     return "\n".join(lines) + "\n"
@@ -271,7 +274,7 @@ def plot(result: dict, path: Path) -> None:
         es = [r["arms"][arm] for r in result["runs"].values() if arm in r["arms"]]
         if es:
             names.append(arm)
-            pref.append(sum(e["preference_accuracy"] for e in es) / len(es))
+            pref.append(sum(e["preference_accuracy"] or 0.0 for e in es) / len(es))
             task.append(sum(e["task_accuracy"] for e in es) / len(es))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     xs = range(len(names))
