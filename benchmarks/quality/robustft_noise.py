@@ -142,8 +142,8 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
     record["actual_noise"] = sum(r["answer"] != r["gold"] for r in train) / len(train)
     ax = common.axolotl_bin()
     for arm in args.arms:
-        if "wall_s" in record["arms"].get(arm, {}):
-            continue
+        if "test_accuracy" in record["arms"].get(arm, {}):
+            continue  # done in an earlier run of the same settings
         t0 = time.time()
         entry: dict[str, Any] = {}
         if arm == "untrained":
@@ -303,16 +303,30 @@ def main() -> None:
         )
 
     args.save = save
+    prev = args.out / f"{name}.json"
+    if prev.exists() and not args.quick:
+        # resume: keep the finished arms of an earlier run with the same settings
+        old = json.loads(prev.read_text())
+        keys = ("dataset", "noise", "n_train", "n_test", "epochs", "lora", "robustft")
+        if all(old["settings"].get(k) == result["settings"][k] for k in keys):
+            result["runs"] = old["runs"]
+            if old.get("notes"):
+                result["notes"] = old["notes"]
+            seen = [int(k) for k in old["runs"]]
+            result["settings"]["seeds"] = sorted(set(seen) | set(args.seeds))
     for seed in args.seeds:
         rec = result["runs"].setdefault(str(seed), {"arms": {}})
         run_seed(args, seed, args.work / name / f"seed{seed}", rec)
-    done = all(set(args.arms) <= set(r["arms"]) for r in result["runs"].values())
+    done = all(
+        all("test_accuracy" in r["arms"].get(a, {}) for a in ARMS)
+        for r in result["runs"].values()
+    )
     result["status"] = (
         ("QUICK SMOKE RUN, not a result" if args.quick else "complete")
         if done
         else "partial"
     )
-    if not args.quick and len(args.seeds) == 1:
+    if not args.quick and len(result["runs"]) == 1:
         result["status"] += " (1 seed only)"
     save()
     print(table(result))
