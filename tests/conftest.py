@@ -127,6 +127,20 @@ def smollm2_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+def offline_subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ for a CPU-only, offline child process that imports this repo."""
+    env = dict(os.environ)
+    env.update(
+        AXOLOTL_DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
 def run_axolotl_train(cfg: dict, workdir: Path, timeout: int = 600):
     """Write `cfg` as YAML and run `axolotl train` in a subprocess on the CPU.
 
@@ -140,14 +154,7 @@ def run_axolotl_train(cfg: dict, workdir: Path, timeout: int = 600):
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = dict(os.environ)
-    env.update(
-        AXOLOTL_DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
+    env = offline_subprocess_env()
     # `axolotl train` launches accelerate from PATH: use the venv's bin.
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import offline_subprocess_env
 
 from axolotl_prefalign import shards
 from axolotl_prefalign.shards import is_main_process, main_process_only, process_rank
@@ -108,16 +108,7 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        CUDA_VISIBLE_DEVICES="",
-        HF_HUB_OFFLINE="1",
-        AXOLOTL_DO_NOT_TRACK="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
+    return offline_subprocess_env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
