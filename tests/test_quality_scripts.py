@@ -128,3 +128,27 @@ def test_resume_refuses_to_overwrite_other_settings(mods, tmp_path):
     with pytest.raises(SystemExit, match=r"x\.json holds a result with other .*\(b\)"):
         mods.common.resume(_result([0]), prev, ("a", "b"))
     assert not mods.common.resume(_result([0]), tmp_path / "missing.json", ("a",))
+
+
+def test_side_by_side_seeds_keep_each_others_newest_runs(mods, tmp_path):
+    prev = tmp_path / "x.json"
+    a, b = _result([0]), _result([1])
+    a["runs"]["0"] = {"arms": {"untrained": {"test_accuracy": 0.5}}}
+    mods.common.merge_other_seeds(a, prev, ("a", "b"), [0])  # no file yet
+    prev.write_text(json.dumps(a))
+    b["runs"]["1"] = {"arms": {"untrained": {"test_accuracy": 0.6}}}
+    mods.common.merge_other_seeds(b, prev, ("a", "b"), [1])
+    prev.write_text(json.dumps(b))
+    # process a goes on with seed 0 and saves: seed 1 comes from the file
+    a["runs"]["0"]["arms"]["noisy"] = {"test_accuracy": 0.7}
+    mods.common.merge_other_seeds(a, prev, ("a", "b"), [0])
+    assert a["runs"]["1"] == b["runs"]["1"]
+    assert a["settings"]["seeds"] == [0, 1]
+    # and a stale copy of seed 0 in b is replaced by a's newer one
+    prev.write_text(json.dumps(a))
+    mods.common.merge_other_seeds(b, prev, ("a", "b"), [1])
+    assert b["runs"]["0"]["arms"]["noisy"] == {"test_accuracy": 0.7}
+    # a file of other settings is never mixed in
+    c = _result([2], b=9)
+    mods.common.merge_other_seeds(c, prev, ("a", "b"), [2])
+    assert c["runs"] == {}

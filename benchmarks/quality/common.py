@@ -240,6 +240,26 @@ def resume(result: dict[str, Any], prev: Path, keys: Sequence[str]) -> bool:
     return True
 
 
+def merge_other_seeds(
+    result: dict[str, Any], prev: Path, keys: Sequence[str], own: Sequence[int]
+) -> None:
+    """Before saving: take in the newest runs of the seeds this process does not run.
+
+    Lets two processes run different seeds of one experiment side by side (each
+    with `--seeds` of its own) without the last writer dropping the other's runs.
+    """
+    if not prev.exists():
+        return
+    old = json.loads(prev.read_text())
+    if any(old["settings"].get(k) != result["settings"][k] for k in keys):
+        return
+    for seed, run in old["runs"].items():
+        if int(seed) not in own:
+            result["runs"][seed] = run
+    seen = [int(k) for k in result["runs"]]
+    result["settings"]["seeds"] = sorted(set(seen) | set(result["settings"]["seeds"]))
+
+
 def write_outputs(
     result: Mapping[str, Any], out: Path, name: str, table_md: str, plot_fn
 ) -> None:

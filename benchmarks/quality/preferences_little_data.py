@@ -160,6 +160,10 @@ def prompt_and_tails(tok: Any, arm: str, question: str, options: list[str]):
     return head, [render_example(tok, question, o)[1] for o in options]
 
 
+# the base model's reply log-probs, by (head, tails): the same for every arm and seed
+_REF_LOGP: dict[tuple[str, tuple[str, ...]], list[float]] = {}
+
+
 def evaluate(arm: str, model_dir: Path | None, merged: bool, test: list[dict]) -> dict:
     """Preference accuracy (implicit reward vs the base) and task accuracy."""
     from tqdm import tqdm
@@ -174,12 +178,19 @@ def evaluate(arm: str, model_dir: Path | None, merged: bool, test: list[dict]) -
         ).eval()
     else:
         policy, tok = common.load_model(model_dir)
-    ref, _ = common.load_model(None)
+    ref = None
     pref = task = 0
     for r in tqdm(test, desc=f"scoring {arm}", leave=False):
         head, tails = prompt_and_tails(tok, arm, r["question"], r["options"])
         lp = reply_logp(policy, tok, head, tails)
-        lr = reply_logp(ref, tok, head, tails)
+        key = (head, tuple(tails))
+        if model_dir is None:
+            _REF_LOGP[key] = lp  # the policy is the base model
+        if key not in _REF_LOGP:
+            if ref is None:
+                ref, _ = common.load_model(None)
+            _REF_LOGP[key] = reply_logp(ref, tok, head, tails)
+        lr = _REF_LOGP[key]
         ci, ri = r["options"].index(r["gold"]), r["options"].index(r["rejected"])
         pref += (lp[ci] - lr[ci]) > (lp[ri] - lr[ri])
         task += max(range(len(lp)), key=lp.__getitem__) == ci
@@ -334,9 +345,17 @@ def main() -> None:
         },
         "runs": {},
     }
-    args.save = lambda: common.write_outputs(
-        result, args.out, name, table(result), lambda p: plot(result, p)
-    )
+
+    def save() -> None:
+        if not args.quick:
+            common.merge_other_seeds(
+                result, args.out / f"{name}.json", RESUME_KEYS, args.seeds
+            )
+        common.write_outputs(
+            result, args.out, name, table(result), lambda p: plot(result, p)
+        )
+
+    args.save = save
     if not args.quick:
         # resume: keep the finished arms of an earlier run with the same settings
         common.resume(result, args.out / f"{name}.json", RESUME_KEYS)

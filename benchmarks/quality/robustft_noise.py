@@ -300,6 +300,10 @@ def main() -> None:
     }
 
     def save() -> None:
+        if not args.quick:
+            common.merge_other_seeds(
+                result, args.out / f"{name}.json", RESUME_KEYS, args.seeds
+            )
         common.write_outputs(
             result, args.out, name, table(result), lambda p: plot(result, p)
         )
