@@ -102,7 +102,33 @@ def test_table_marks_arms_not_run(mods):
         },
     }
     row = mods.noise.table(result).strip().splitlines()[-1]
-    assert row == "| 0 | 50.0% | not run | not run | not run | 25.0% | 75.0% | 128 |"
+    assert row == (
+        "| 0 | 50.0% | not run | not run | not run | 25.0% | 75.0% | 128 | – |"
+    )
+    result["runs"]["0"]["arms"]["robustft"]["expert_answers"] = {
+        "base/plain": {"A": 5, "B": 191, "None": 4}
+    }
+    row = mods.noise.table(result).strip().splitlines()[-1]
+    assert row.endswith("| 128 | B 191, A 5, none 4 |")
+
+
+def test_expert_answers_counts_votes_per_expert_and_prompt(mods, tmp_path):
+    votes = [
+        [("base", "plain", "B"), ("base", "reasoning", "A")],
+        [("base", "plain", "B"), ("base", "reasoning", None)],
+        [("base", "plain", "A"), ("base", "reasoning", "A")],
+    ]
+    mods.common.write_jsonl(
+        tmp_path / "all.jsonl",
+        [
+            {"robustft_votes": [dict(expert=e, prompt=p, answer=a) for e, p, a in v]}
+            for v in votes
+        ],
+    )
+    assert mods.noise.expert_answers(tmp_path) == {
+        "base/plain": {"A": 1, "B": 2},
+        "base/reasoning": {"A": 2, "None": 1},
+    }
 
 
 def _result(seeds, **settings):

@@ -125,6 +125,20 @@ def robustft_cfg(work: Path, data: Path, args: Any, seed: int) -> dict:
     return cfg
 
 
+def expert_answers(denoised: Path) -> dict[str, dict[str, int]]:
+    """How often each expert/prompt gave each answer letter (None: no answer found).
+
+    A weak expert that answers one letter for nearly every row cannot tell clean
+    from noisy labels; this is the number that shows it.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for row in common.read_jsonl(denoised / "all.jsonl"):
+        for vote in row.get("robustft_votes") or []:
+            c = counts.setdefault(f"{vote['expert']}/{vote['prompt']}", {})
+            c[str(vote["answer"])] = c.get(str(vote["answer"]), 0) + 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(counts.items())}
+
+
 def evaluate(adapter: Path | None, test: list[dict]) -> float:
     """Test accuracy of the base model (+ adapter)."""
     model, tok = common.load_model(adapter)
@@ -144,7 +158,14 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
     record["actual_noise"] = sum(r["answer"] != r["gold"] for r in train) / len(train)
     ax = common.axolotl_bin()
     for arm in args.arms:
-        if "test_accuracy" in record["arms"].get(arm, {}):
+        done = record["arms"].get(arm, {})
+        if arm == "robustft" and "denoise_report" in done:
+            # derived from the denoise output; filled in for older results too
+            folder = Path(done["denoise_report"]["output_dir"])
+            if "expert_answers" not in done and (folder / "all.jsonl").exists():
+                done["expert_answers"] = expert_answers(folder)
+                args.save()
+        if "test_accuracy" in done:
             continue  # done in an earlier run of the same settings
         t0 = time.time()
         entry: dict[str, Any] = {}
@@ -169,6 +190,7 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
             report_path = next((work / "robustft" / "denoised").glob("*/report.json"))
             report = json.loads(report_path.read_text())
             entry["denoise_report"] = report
+            entry["expert_answers"] = expert_answers(report_path.parent)
             # keep the detection numbers even if training is interrupted
             record["arms"][arm] = {**entry, "note": "denoise only so far"}
             args.save()
@@ -187,6 +209,15 @@ def _gold(entry: dict) -> dict:
     return rep.get("gold") or {}
 
 
+def answers(entry: dict) -> str:
+    """'B 191, A 5, none 4' for the base model's plain-prompt answers."""
+    c = (entry.get("expert_answers") or {}).get("base/plain")
+    if not c:
+        return "–"
+    top = sorted(c.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{'none' if k == 'None' else k} {v}" for k, v in top)
+
+
 def table(result: dict) -> str:
     """The markdown table of a result."""
     s = result["settings"]
@@ -199,8 +230,9 @@ def table(result: dict) -> str:
         "Test accuracy = the option with the higher reply log-likelihood.\n",
         *([f"Notes: {result['notes']}\n"] if result.get("notes") else []),
         "| seed | untrained | SFT noisy | SFT RobustFT | SFT clean (upper bound) "
-        "| detect precision | detect recall | training rows kept |",
-        "|---|---|---|---|---|---|---|---|",
+        "| detect precision | detect recall | training rows kept "
+        "| base expert's plain answers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for seed, rec in result["runs"].items():
         arms = rec["arms"]
@@ -220,7 +252,8 @@ def table(result: dict) -> str:
         lines.append(
             f"| {seed} | {acc('untrained')} | {acc('noisy')} | {acc('robustft')} "
             f"| {acc('clean')} | {pct(g.get('detection_precision'))} "
-            f"| {pct(g.get('detection_recall'))} | {kept} |"
+            f"| {pct(g.get('detection_recall'))} | {kept} "
+            f"| {answers(arms.get('robustft', {}))} |"
         )
     return "\n".join(lines) + "\n"
 
