@@ -178,3 +178,46 @@ def test_side_by_side_seeds_keep_each_others_newest_runs(mods, tmp_path):
     c = _result([2], b=9)
     mods.common.merge_other_seeds(c, prev, ("a", "b"), [2])
     assert c["runs"] == {}
+
+
+def test_noise_free_arms_are_reused_across_noise_rates_only(mods, tmp_path):
+    settings = {k: f"v-{k}" for k in ("dataset", "n_train", "n_test", "epochs", "lora")}
+    other = {
+        "settings": {**settings, "noise": 0.3, "quick": False},
+        "runs": {
+            "0": {
+                "arms": {
+                    "clean": {"test_accuracy": 0.83, "train_s": 500.0},
+                    "noisy": {"test_accuracy": 0.75},
+                }
+            }
+        },
+    }
+    (tmp_path / "robustft_noise30.json").write_text(json.dumps(other))
+    args = SimpleNamespace(
+        out=tmp_path,
+        noise=0.5,
+        quick=False,
+        reuse_noise_free=True,
+        settings={**settings, "noise": 0.5},
+    )
+    got = mods.noise.noise_free_result(args, 0, "clean")
+    assert got["test_accuracy"] == 0.83 and got["train_s"] == 500.0
+    assert "reused from robustft_noise30.json (noise 30%" in got["note"]
+    # the noisy arm depends on the noise; other seeds and settings do not match
+    assert mods.noise.noise_free_result(args, 0, "noisy") is None
+    assert mods.noise.noise_free_result(args, 1, "clean") is None
+    args.settings["epochs"] = "other"
+    assert mods.noise.noise_free_result(args, 0, "clean") is None
+    args.settings["epochs"] = settings["epochs"]
+    args.reuse_noise_free = False
+    assert mods.noise.noise_free_result(args, 0, "clean") is None
+    # never from the same noise rate (that is resume's job)
+    args.reuse_noise_free, args.noise = True, 0.3
+    assert mods.noise.noise_free_result(args, 0, "clean") is None
+
+
+def test_clean_arm_rows_do_not_depend_on_the_noise_rate(mods):
+    a, _ = mods.noise.make_split(200, 300, 0.3, seed=4)
+    b, _ = mods.noise.make_split(200, 300, 0.5, seed=4)
+    assert mods.noise.chat_rows(a, "gold") == mods.noise.chat_rows(b, "gold")

@@ -145,6 +145,37 @@ def evaluate(adapter: Path | None, test: list[dict]) -> float:
     return common.mc_accuracy(model, tok, test)
 
 
+# arms whose inputs do not depend on the noise rate: the base model, and SFT on the
+# true labels of the same rows (make_split picks the rows before it flips any)
+NOISE_FREE = ("untrained", "clean")
+SHARED_KEYS = ("dataset", "n_train", "n_test", "epochs", "lora")
+
+
+def noise_free_result(args: Any, seed: int, arm: str) -> dict | None:
+    """This seed's result of a noise-free arm from a finished run at another noise rate.
+
+    The run would be identical (same rows, labels, YAML and seed), so it is reused
+    instead of repeated, with a note saying where it came from.
+    """
+    if arm not in NOISE_FREE or args.quick or not args.reuse_noise_free:
+        return None
+    for path in sorted(args.out.glob("robustft_noise[0-9]*.json")):
+        other = json.loads(path.read_text())
+        s = other.get("settings", {})
+        if s.get("noise") == args.noise or s.get("quick"):
+            continue
+        if any(s.get(k) != args.settings[k] for k in SHARED_KEYS):
+            continue
+        entry = other.get("runs", {}).get(str(seed), {}).get("arms", {}).get(arm)
+        if entry and "test_accuracy" in entry:
+            return {
+                **{k: v for k, v in entry.items() if k != "note"},
+                "note": f"reused from {path.name} (noise {s['noise']:.0%}, same "
+                "rows, labels, settings and seed)",
+            }
+    return None
+
+
 def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
     """All arms for one seed; `record` is filled (and saved) arm by arm."""
     train, test = make_split(args.n_train, args.n_test, args.noise, seed)
@@ -167,6 +198,14 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
                 args.save()
         if "test_accuracy" in done:
             continue  # done in an earlier run of the same settings
+        shared = noise_free_result(args, seed, arm)
+        if shared is not None:
+            record["arms"][arm] = shared
+            print(
+                f"seed {seed} {arm}: {shared['test_accuracy']:.1%} ({shared['note']})"
+            )
+            args.save()
+            continue
         t0 = time.time()
         entry: dict[str, Any] = {}
         if arm == "untrained":
@@ -301,6 +340,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64, help="reasoning budget")
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    p.add_argument(
+        "--no-reuse",
+        dest="reuse_noise_free",
+        action="store_false",
+        help="run the untrained and clean arms even if a result at another noise "
+        "rate has them for the same seed and settings",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     p.add_argument("--out", type=Path, default=common.REPO / "docs" / "quality")
     p.add_argument("--work", type=Path, default=common.REPO / "outputs" / "quality")
@@ -342,6 +388,7 @@ def main() -> None:
         )
 
     args.save = save
+    args.settings = result["settings"]
     if not args.quick:
         # resume: keep the finished arms of an earlier run with the same settings
         common.resume(result, args.out / f"{name}.json", RESUME_KEYS)
