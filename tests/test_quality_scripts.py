@@ -221,3 +221,38 @@ def test_clean_arm_rows_do_not_depend_on_the_noise_rate(mods):
     a, _ = mods.noise.make_split(200, 300, 0.3, seed=4)
     b, _ = mods.noise.make_split(200, 300, 0.5, seed=4)
     assert mods.noise.chat_rows(a, "gold") == mods.noise.chat_rows(b, "gold")
+
+
+def test_mean_sd_matches_statistics(mods):
+    import statistics
+
+    vals = [0.747, 0.71, 0.78]
+    mean, sd = mods.common.mean_sd(vals)
+    assert mean == pytest.approx(statistics.mean(vals))
+    assert sd == pytest.approx(statistics.stdev(vals))
+    assert mods.common.fmt_mean_sd(vals) == (
+        f"{statistics.mean(vals):.1%} ± {100 * statistics.stdev(vals):.1f} (n=3)"
+    )
+    assert mods.common.fmt_mean_sd([0.5]) == "50.0% (n=1)"
+    assert mods.common.fmt_mean_sd([]) == "not run"
+
+
+def test_render_rewrites_table_from_json_and_names_a_missing_file(mods, tmp_path):
+    result = {
+        "status": "complete",
+        "settings": {"seeds": [0, 1], "n_pool": 4, "seed_fraction": 0.5},
+        "runs": {
+            s: {
+                "arms": {"untrained": {"preference_accuracy": None, "task_accuracy": t}}
+            }
+            for s, t in [("0", 0.4), ("1", 0.6)]
+        },
+    }
+    result["settings"] |= {"n_test": 2, "epochs": 1, "quick": False}
+    path = tmp_path / "preferences_little_data.json"
+    path.write_text(json.dumps(result))
+    mods.common.render(path, mods.prefs.table, lambda r, p: None)
+    md = (tmp_path / "preferences_little_data.md").read_text()
+    assert "| untrained | n/a | 50.0% ± 14.1 (n=2) |" in md
+    with pytest.raises(SystemExit, match="nope.json does not exist"):
+        mods.common.render(tmp_path / "nope.json", mods.prefs.table, lambda r, p: None)

@@ -260,6 +260,36 @@ def merge_other_seeds(
     result["settings"]["seeds"] = sorted(set(seen) | set(result["settings"]["seeds"]))
 
 
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for fewer than 2 values)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+
+
+def fmt_mean_sd(values: Sequence[float]) -> str:
+    """'74.7% ± 1.2 (n=3)' in percentage points; 'not run' for no values."""
+    if not values:
+        return "not run"
+    mean, sd = mean_sd(values)
+    if len(values) < 2:
+        return f"{mean:.1%} (n=1)"
+    return f"{mean:.1%} ± {100 * sd:.1f} (n={len(values)})"
+
+
+def render(path: Path, table_fn, plot_fn) -> None:
+    """Rewrite `<name>.md` and `<name>.png` beside a result JSON, running nothing."""
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: nothing to render")
+    result = json.loads(path.read_text())
+    write_outputs(
+        result, path.parent, path.stem, table_fn(result), lambda p: plot_fn(result, p)
+    )
+    print(table_fn(result))
+
+
 def write_outputs(
     result: Mapping[str, Any], out: Path, name: str, table_md: str, plot_fn
 ) -> None:

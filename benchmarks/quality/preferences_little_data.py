@@ -273,32 +273,61 @@ def table(result: dict) -> str:
                     f"| {seed} | {arm} | {'n/a' if p is None else f'{p:.1%}'} "
                     f"| {e['task_accuracy']:.1%} |"
                 )
+    if len(result["runs"]) > 1:
+        lines += [
+            "",
+            "Over the seeds (mean ± sd in points):\n",
+            "| arm | preference accuracy | task accuracy |",
+            "|---|---|---|",
+        ]
+        for arm in ["untrained", *ARMS]:
+            es = [r["arms"][arm] for r in result["runs"].values() if arm in r["arms"]]
+            prefs = [e["preference_accuracy"] for e in es]
+            p = [v for v in prefs if v is not None]
+            pref_cell = "n/a" if es and not p else common.fmt_mean_sd(p)
+            lines.append(
+                f"| {arm} | {pref_cell} "
+                f"| {common.fmt_mean_sd([e['task_accuracy'] for e in es])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
-    """Grouped bars: preference and task accuracy per arm (mean over seeds)."""
+    """Grouped bars: preference and task accuracy per arm (mean, sd over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, pref, task = [], [], []
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names: list[str] = []
+    labelled: set[str] = set()
     for arm in ["untrained", *ARMS]:
         es = [r["arms"][arm] for r in result["runs"].values() if arm in r["arms"]]
-        if es:
-            names.append(arm)
-            pref.append(sum(e["preference_accuracy"] or 0.0 for e in es) / len(es))
-            task.append(sum(e["task_accuracy"] for e in es) / len(es))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], pref, 0.4, label="preference accuracy")
-    ax.bar([x + 0.2 for x in xs], task, 0.4, label="task accuracy")
-    ax.set_xticks(list(xs), names)
+        if not es:
+            continue
+        x = len(names)
+        names.append(arm)
+        for dx, key, color in [
+            (-0.2, "preference_accuracy", "#1f77b4"),
+            (0.2, "task_accuracy", "#ff7f0e"),
+        ]:
+            vals = [e[key] for e in es if e[key] is not None]
+            if not vals:  # the base model has no implicit reward against itself
+                continue
+            mean, sd = common.mean_sd(vals)
+            label = None if key in labelled else key.replace("_", " ")
+            labelled.add(key)
+            ax.bar(x + dx, mean, 0.4, yerr=sd or None, capsize=3, color=color)
+            ax.bar_label(ax.containers[-1], [f"{mean:.0%}"], fontsize=7)
+            ax.containers[-1].set_label(label)
+            ax.plot([x + dx] * len(vals), vals, "k.", ms=3)
+    ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1)
-    ax.legend()
-    quick = " (QUICK SMOKE)" if result["settings"]["quick"] else ""
-    ax.set_title(f"ARC-Easy, SmolLM2-135M{quick}")
+    ax.legend(loc="upper left", fontsize=8)
+    s = result["settings"]
+    quick = " (QUICK SMOKE)" if s["quick"] else ""
+    ax.set_title(f"ARC-Easy, SmolLM2-135M, seeds {s['seeds']}{quick}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -317,6 +346,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite the table and plot from the result JSON (after editing "
+        "its notes, say)",
+    )
     p.add_argument("--out", type=Path, default=common.REPO / "docs" / "quality")
     p.add_argument("--work", type=Path, default=common.REPO / "outputs" / "quality")
     args = p.parse_args()
@@ -324,6 +359,9 @@ def main() -> None:
         args.n_pool, args.n_test, args.seed_fraction = 48, 16, 0.17
         args.spa_prompts, args.epochs, args.max_new_tokens = 8, 1, 16
     name = "preferences_little_data" + ("_quick" if args.quick else "")
+    if args.render:
+        common.render(args.out / f"{name}.json", table, plot)
+        return
     result: dict[str, Any] = {
         "experiment": "preferences_little_data",
         "status": "partial (in progress or interrupted)",

@@ -294,32 +294,65 @@ def table(result: dict) -> str:
             f"| {pct(g.get('detection_recall'))} | {kept} "
             f"| {answers(arms.get('robustft', {}))} |"
         )
+    if len(result["runs"]) > 1:
+
+        def over_seeds(arm: str, key: str | None = None) -> str:
+            vals = []
+            for rec in result["runs"].values():
+                e = rec["arms"].get(arm, {})
+                v = _gold(e).get(key) if key else e.get("test_accuracy")
+                if isinstance(v, float):
+                    vals.append(v)
+            return common.fmt_mean_sd(vals)
+
+        lines.append(
+            f"| **mean ± sd** | {over_seeds('untrained')} | {over_seeds('noisy')} "
+            f"| {over_seeds('robustft')} | {over_seeds('clean')} "
+            f"| {over_seeds('robustft', 'detection_precision')} "
+            f"| {over_seeds('robustft', 'detection_recall')} | | |"
+        )
+    reused = sorted(
+        {
+            f"{arm}: {e['note']}"
+            for rec in result["runs"].values()
+            for arm, e in rec["arms"].items()
+            if str(e.get("note", "")).startswith("reused")
+        }
+    )
+    if reused:
+        lines += ["", *(f"- {n}" for n in reused)]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
-    """Bar chart of test accuracy per arm (mean over the seeds run)."""
+    """Test accuracy per arm: mean over seeds (bar), sd (whisker), each seed (dot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, vals = [], []
+    colors = {"untrained": "#999", "noisy": "#d62728"}
+    colors |= {"robustft": "#1f77b4", "clean": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = []
     for arm in ARMS:
         accs = [
             r["arms"][arm]["test_accuracy"]
             for r in result["runs"].values()
             if "test_accuracy" in r["arms"].get(arm, {})
         ]
-        if accs:
-            names.append(arm)
-            vals.append(sum(accs) / len(accs))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, vals, color=["#999", "#d62728", "#1f77b4", "#2ca02c"][: len(names)])
-    for i, v in enumerate(vals):
-        ax.text(i, v + 0.01, f"{v:.1%}", ha="center")
+        if not accs:
+            continue
+        i = len(names)
+        names.append(arm)
+        mean, sd = common.mean_sd(accs)
+        ax.bar(i, mean, color=colors[arm], yerr=sd or None, capsize=4)
+        ax.plot([i] * len(accs), accs, "k.", ms=4)
+        ax.text(i + 0.3, mean + 0.02, f"{mean:.1%}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
     s = result["settings"]
     ax.set_ylim(0, 1)
+    ax.axhline(0.5, color="#ccc", lw=0.8, ls="--")
     ax.set_ylabel("SST-2 test accuracy")
     ax.set_title(
         f"SmolLM2-135M, {s['noise']:.0%} label noise, seeds {s['seeds']}"
@@ -348,6 +381,12 @@ def main() -> None:
         "rate has them for the same seed and settings",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite the table and plot from the result JSON (after editing "
+        "its notes, say)",
+    )
     p.add_argument("--out", type=Path, default=common.REPO / "docs" / "quality")
     p.add_argument("--work", type=Path, default=common.REPO / "outputs" / "quality")
     args = p.parse_args()
@@ -356,6 +395,9 @@ def main() -> None:
     name = f"robustft_noise{int(round(args.noise * 100))}" + (
         "_quick" if args.quick else ""
     )
+    if args.render:
+        common.render(args.out / f"{name}.json", table, plot)
+        return
     result: dict[str, Any] = {
         "experiment": "robustft_noise",
         "status": "partial (in progress or interrupted)",
