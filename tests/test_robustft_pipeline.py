@@ -769,3 +769,59 @@ def test_clean_rows_keep_their_original_answer_text(tmp_path):
         for ln in (tmp_path / "o" / P.TRAIN_FILE).read_text().splitlines()
     ]
     assert [r["answer"] for r in written] == ["5 km", "$12.50", "(b)", "6"]
+
+
+def _two_option_set(labels):
+    return Dataset.from_list(
+        [
+            {
+                "question": f"Is review number {i} negative or positive?",
+                "options": ["negative", "positive"],
+                "answer": label,
+                "gold": label,
+            }
+            for i, label in enumerate(labels)
+        ]
+    )
+
+
+def test_an_expert_that_always_answers_b_is_reported_and_warned(tmp_path, caplog):
+    labels = ["A", "B"] * 6  # the most common label covers 50%
+    ds = _two_option_set(labels)
+    replies = {}
+    for i, q in enumerate(ds["question"]):
+        replies[("plain", q)] = "Answer: B"  # the same choice for every question
+        replies[("reasoning", q)] = f"Answer: {labels[i]}"  # tells them apart
+    with caplog.at_level("WARNING", logger="axolotl_prefalign"):
+        result = run(tmp_path, FakeModel(replies), ds=ds)
+    assert result.report["one_answer_experts"] == [
+        {
+            "expert": "base",
+            "prompt": "plain",
+            "answer": "B",
+            "count": 12,
+            "answered": 12,
+            "top_label_share": 0.5,
+        }
+    ]
+    assert "expert 'base' (plain prompt) answered B to 12 of 12" in caplog.text
+    assert "most common label covers only 50%" in caplog.text
+    # its verdicts follow the label: every A-labelled row is flagged noisy
+    got = by_index(result)
+    flagged = [i for i in range(12) if got[i]["robustft_status"] != "clean"]
+    assert flagged == [i for i, label in enumerate(labels) if label == "A"]
+
+
+def test_one_answer_is_not_flagged_when_the_labels_are_that_answer(tmp_path, caplog):
+    labels = ["B"] * 11 + ["A"]  # 92% of the labels are B
+    ds = _two_option_set(labels)
+    replies = {("plain", q): "Answer: B" for q in ds["question"]}
+    with caplog.at_level("WARNING", logger="axolotl_prefalign"):
+        result = run(tmp_path, FakeModel(replies), ds=ds, reasoning=False)
+    assert result.report["one_answer_experts"] == []
+    assert "is not telling the options apart" not in caplog.text
+    # and too few answered rows are never flagged
+    small = _two_option_set(["A", "B"] * 4)
+    replies = {("plain", q): "Answer: B" for q in small["question"]}
+    result = run(tmp_path, FakeModel(replies), name="small", ds=small, reasoning=False)
+    assert result.report["one_answer_experts"] == []

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -521,6 +522,7 @@ def _write_outputs(
         rel_tol=settings.number_rel_tol,
     )
     report["output_dir"] = str(out_dir)
+    report["one_answer_experts"] = one_answer_experts(info)
     _warn_if_experts_look_weak(report)
     _write_jsonl(out_dir / ALL_FILE, all_rows)
     _write_jsonl(out_dir / TRAIN_FILE, train_rows)
@@ -547,6 +549,63 @@ def _warn_if_experts_look_weak(report: Mapping[str, Any]) -> None:
             judged,
             100 * report["clean"] / judged,
         )
+
+
+ONE_ANSWER_SHARE = 0.9
+ONE_ANSWER_MIN_ROWS = 10
+
+
+def one_answer_experts(info: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Expert prompts that give (nearly) the same choice to every question.
+
+    Such an expert "agrees" with every label that happens to be its favourite
+    choice and with no other, so its clean/noisy verdicts follow the label, not the
+    truth, and relabelling pushes the set towards that one answer. Counted over
+    multiple-choice rows with an extracted answer: flagged when one answer has at
+    least ONE_ANSWER_SHARE of them and a clearly larger share than the most common
+    input label has (a set whose labels are mostly one answer is not evidence).
+    """
+    choice = [r for r in info.values() if r["kind"] == "choice"]
+    labels = Counter(str(r["label"]) for r in choice)
+    label_share = max(labels.values()) / len(choice) if choice else 1.0
+    streams: dict[tuple[str, str], Counter[str]] = {}
+    for r in choice:
+        for v in r["votes"]:
+            if v["answer"] is not None:
+                key = (v["expert"], v["prompt"])
+                streams.setdefault(key, Counter())[str(v["answer"])] += 1
+    out = []
+    for (expert, prompt), counts in sorted(streams.items()):
+        n = sum(counts.values())
+        answer, k = counts.most_common(1)[0]
+        if n >= ONE_ANSWER_MIN_ROWS and k / n >= max(
+            ONE_ANSWER_SHARE, label_share + 0.1
+        ):
+            out.append(
+                {
+                    "expert": expert,
+                    "prompt": prompt,
+                    "answer": answer,
+                    "count": k,
+                    "answered": n,
+                    "top_label_share": round(label_share, 4),
+                }
+            )
+            LOG.warning(
+                "robustft: expert %r (%s prompt) answered %s to %d of %d "
+                "multiple-choice questions while the most common label covers only "
+                "%.0f%%: it is not telling the options apart, so its clean/noisy "
+                "verdicts follow the label and relabelled rows drift to %s; use a "
+                "stronger expert model (prefalign.robustft.experts)",
+                expert,
+                prompt,
+                answer,
+                k,
+                n,
+                100 * label_share,
+                answer,
+            )
+    return out
 
 
 def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
