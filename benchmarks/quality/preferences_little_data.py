@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ARMS = ["dpo_seed", "contrast_seed", "spa", "dpo_all"]
+# the base model, scored with the chat template / with the contrast inference prompt
+BASELINES = ["untrained", "untrained_contrast"]
 # settings that must match for a rerun to keep an earlier run's finished arms
 RESUME_KEYS = ("dataset", "n_pool", "n_test", "seed_fraction", "spa_prompts")
 RESUME_KEYS += ("epochs", "dpo_lr", "spa_max_new_tokens")
@@ -182,10 +184,13 @@ def evaluate(arm: str, model_dir: Path | None, merged: bool, test: list[dict]) -
     pref = task = 0
     for r in tqdm(test, desc=f"scoring {arm}", leave=False):
         head, tails = prompt_and_tails(tok, arm, r["question"], r["options"])
-        lp = reply_logp(policy, tok, head, tails)
         key = (head, tuple(tails))
-        if model_dir is None:
-            _REF_LOGP[key] = lp  # the policy is the base model
+        if model_dir is None:  # the policy is the base model
+            if key not in _REF_LOGP:
+                _REF_LOGP[key] = reply_logp(policy, tok, head, tails)
+            lp = _REF_LOGP[key]
+        else:
+            lp = reply_logp(policy, tok, head, tails)
         if key not in _REF_LOGP:
             if ref is None:
                 ref, _ = common.load_model(None)
@@ -214,6 +219,12 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
     if "untrained" not in record["arms"]:
         base = evaluate("untrained", None, False, test)
         record["arms"]["untrained"] = base
+        args.save()
+    if "untrained_contrast" not in record["arms"]:
+        # the base model scored with the contrast arm's own inference prompt: the
+        # baseline that arm's task accuracy must be compared with
+        base = evaluate("contrast_seed", None, False, test)
+        record["arms"]["untrained_contrast"] = base
         args.save()
     for arm in args.arms:
         if arm in record["arms"]:
@@ -263,7 +274,7 @@ def table(result: dict) -> str:
         "|---|---|---|---|",
     ]
     for seed, rec in result["runs"].items():
-        for arm in ["untrained", *ARMS]:
+        for arm in BASELINES + ARMS:
             e = rec["arms"].get(arm)
             if e is None:
                 lines.append(f"| {seed} | {arm} | not run | not run |")
@@ -280,7 +291,7 @@ def table(result: dict) -> str:
             "| arm | preference accuracy | task accuracy |",
             "|---|---|---|",
         ]
-        for arm in ["untrained", *ARMS]:
+        for arm in BASELINES + ARMS:
             es = [r["arms"][arm] for r in result["runs"].values() if arm in r["arms"]]
             prefs = [e["preference_accuracy"] for e in es]
             p = [v for v in prefs if v is not None]
@@ -302,7 +313,7 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names: list[str] = []
     labelled: set[str] = set()
-    for arm in ["untrained", *ARMS]:
+    for arm in BASELINES + ARMS:
         es = [r["arms"][arm] for r in result["runs"].values() if arm in r["arms"]]
         if not es:
             continue
