@@ -270,6 +270,7 @@ def table(result: dict) -> str:
         f"Settings: {s['n_pool']} pool questions, seed fraction {s['seed_fraction']}, "
         f"{s['n_test']} test questions, {s['epochs']} epochs, seeds {s['seeds']}"
         f"{', QUICK SMOKE RUN (not a result)' if s['quick'] else ''}.\n",
+        *([f"Notes: {result['notes']}\n"] if result.get("notes") else []),
         "| seed | arm | preference accuracy | task accuracy |",
         "|---|---|---|---|",
     ]
