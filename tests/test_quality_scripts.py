@@ -256,3 +256,45 @@ def test_render_rewrites_table_from_json_and_names_a_missing_file(mods, tmp_path
     assert "| untrained | n/a | 50.0% ± 14.1 (n=2) |" in md
     with pytest.raises(SystemExit, match="nope.json does not exist"):
         mods.common.render(tmp_path / "nope.json", mods.prefs.table, lambda r, p: None)
+
+
+def test_run_seeds_resumes_saves_arm_by_arm_and_sets_the_status(mods, tmp_path):
+    def table(result):
+        return result["status"]
+
+    def run_seed(args, seed, work, rec):
+        assert work == tmp_path / "w" / "exp" / f"seed{seed}"
+        rec["arms"].setdefault("a", {"v": seed})
+        args.save()  # written after every arm
+        if seed != 2:
+            rec["arms"]["b"] = {"v": seed}
+
+    def go(seeds):
+        args = SimpleNamespace(
+            seeds=seeds, quick=False, out=tmp_path, work=tmp_path / "w"
+        )
+        result = {
+            "status": "in progress",
+            "settings": {"seeds": seeds, "k": 1},
+            "runs": {},
+        }
+        mods.common.run_seeds(
+            args,
+            "exp",
+            result,
+            resume_keys=("k",),
+            table_fn=table,
+            plot_fn=lambda r, p: None,
+            run_seed=run_seed,
+            finished=lambda run: {"a", "b"} <= set(run["arms"]),
+        )
+        return result
+
+    assert go([0])["status"] == "complete (1 seed only)"
+    assert (tmp_path / "exp.md").read_text() == "complete (1 seed only)"
+    result = go([2])  # resumes seed 0; seed 2 never finishes arm b
+    assert result["settings"]["seeds"] == [0, 2]
+    assert result["runs"]["0"]["arms"] == {"a": {"v": 0}, "b": {"v": 0}}
+    assert result["status"] == "partial"
+    saved = json.loads((tmp_path / "exp.json").read_text())
+    assert saved["status"] == "partial" and set(saved["runs"]) == {"0", "2"}

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,15 @@ def mc_accuracy(model: Any, tok: Any, rows: Sequence[Mapping[str, Any]]) -> floa
     return hits / len(rows)
 
 
+def _settings_differ(old: Mapping[str, Any], result: Mapping[str, Any], keys) -> list:
+    return [k for k in keys if old["settings"].get(k) != result["settings"][k]]
+
+
+def _union_seeds(result: dict[str, Any]) -> None:
+    seen = {int(k) for k in result["runs"]}
+    result["settings"]["seeds"] = sorted(seen | set(result["settings"]["seeds"]))
+
+
 def resume(result: dict[str, Any], prev: Path, keys: Sequence[str]) -> bool:
     """Take the finished runs of an earlier result file into `result`.
 
@@ -226,7 +235,7 @@ def resume(result: dict[str, Any], prev: Path, keys: Sequence[str]) -> bool:
     if not prev.exists():
         return False
     old = json.loads(prev.read_text())
-    diff = [k for k in keys if old["settings"].get(k) != result["settings"][k]]
+    diff = _settings_differ(old, result, keys)
     if diff:
         raise SystemExit(
             f"{prev} holds a result with other settings ({', '.join(diff)}); "
@@ -235,8 +244,7 @@ def resume(result: dict[str, Any], prev: Path, keys: Sequence[str]) -> bool:
     result["runs"] = old["runs"]
     if old.get("notes"):
         result["notes"] = old["notes"]
-    seen = [int(k) for k in old["runs"]]
-    result["settings"]["seeds"] = sorted(set(seen) | set(result["settings"]["seeds"]))
+    _union_seeds(result)
     return True
 
 
@@ -251,13 +259,66 @@ def merge_other_seeds(
     if not prev.exists():
         return
     old = json.loads(prev.read_text())
-    if any(old["settings"].get(k) != result["settings"][k] for k in keys):
+    if _settings_differ(old, result, keys):
         return
     for seed, run in old["runs"].items():
         if int(seed) not in own:
             result["runs"][seed] = run
-    seen = [int(k) for k in result["runs"]]
-    result["settings"]["seeds"] = sorted(set(seen) | set(result["settings"]["seeds"]))
+    _union_seeds(result)
+
+
+def add_run_args(p: Any) -> None:
+    """The options every experiment script takes (argparse parser `p`)."""
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite the table and plot from the result JSON (after editing "
+        "its notes, say)",
+    )
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "quality")
+    p.add_argument("--work", type=Path, default=REPO / "outputs" / "quality")
+
+
+def run_seeds(
+    args: Any,
+    name: str,
+    result: dict[str, Any],
+    *,
+    resume_keys: Sequence[str],
+    table_fn: Callable[[dict], str],
+    plot_fn: Callable[[dict, Path], None],
+    run_seed: Callable[[Any, int, Path, dict], None],
+    finished: Callable[[dict], bool],
+) -> None:
+    """Resume, run every seed (saving arm by arm through `args.save`), set the
+    status, save and print the table. `finished(run)` says a seed's run is done."""
+    path = args.out / f"{name}.json"
+
+    def save() -> None:
+        if not args.quick:
+            merge_other_seeds(result, path, resume_keys, args.seeds)
+        write_outputs(
+            result, args.out, name, table_fn(result), lambda p: plot_fn(result, p)
+        )
+
+    args.save = save
+    if not args.quick:
+        # keep the finished arms of an earlier run with the same settings
+        resume(result, path, resume_keys)
+    for seed in args.seeds:
+        rec = result["runs"].setdefault(str(seed), {"arms": {}})
+        run_seed(args, seed, args.work / name / f"seed{seed}", rec)
+    done = all(finished(r) for r in result["runs"].values())
+    if args.quick:
+        result["status"] = "QUICK SMOKE RUN, not a result" if done else "partial"
+    else:
+        result["status"] = "complete" if done else "partial"
+        if len(result["runs"]) == 1:
+            result["status"] += " (1 seed only)"
+    save()
+    print(table_fn(result))
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

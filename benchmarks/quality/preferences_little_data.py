@@ -348,7 +348,6 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     """CLI entry."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--n-pool", type=int, default=400)
     p.add_argument("--n-test", type=int, default=150)
     p.add_argument("--seed-fraction", type=float, default=0.05)
@@ -357,15 +356,7 @@ def main() -> None:
     p.add_argument("--dpo-lr", type=float, default=5.0e-5)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
-    p.add_argument(
-        "--render",
-        action="store_true",
-        help="only rewrite the table and plot from the result JSON (after editing "
-        "its notes, say)",
-    )
-    p.add_argument("--out", type=Path, default=common.REPO / "docs" / "quality")
-    p.add_argument("--work", type=Path, default=common.REPO / "outputs" / "quality")
+    common.add_run_args(p)
     args = p.parse_args()
     if args.quick:
         args.n_pool, args.n_test, args.seed_fraction = 48, 16, 0.17
@@ -396,32 +387,16 @@ def main() -> None:
         "runs": {},
     }
 
-    def save() -> None:
-        if not args.quick:
-            common.merge_other_seeds(
-                result, args.out / f"{name}.json", RESUME_KEYS, args.seeds
-            )
-        common.write_outputs(
-            result, args.out, name, table(result), lambda p: plot(result, p)
-        )
-
-    args.save = save
-    if not args.quick:
-        # resume: keep the finished arms of an earlier run with the same settings
-        common.resume(result, args.out / f"{name}.json", RESUME_KEYS)
-    for seed in args.seeds:
-        rec = result["runs"].setdefault(str(seed), {"arms": {}})
-        run_seed(args, seed, args.work / name / f"seed{seed}", rec)
-    done = all(set(ARMS) <= set(r["arms"]) for r in result["runs"].values())
-    result["status"] = (
-        ("QUICK SMOKE RUN, not a result" if args.quick else "complete")
-        if done
-        else "partial"
+    common.run_seeds(
+        args,
+        name,
+        result,
+        resume_keys=RESUME_KEYS,
+        table_fn=table,
+        plot_fn=plot,
+        run_seed=run_seed,
+        finished=lambda run: set(ARMS) <= set(run["arms"]),
     )
-    if not args.quick and len(result["runs"]) == 1:
-        result["status"] += " (1 seed only)"
-    args.save()
-    print(table(result))
 
 
 if __name__ == "__main__":

@@ -367,7 +367,6 @@ def main() -> None:
     """CLI entry."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--noise", type=float, default=0.3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--epochs", type=int, default=3)
@@ -380,15 +379,7 @@ def main() -> None:
         help="run the untrained and clean arms even if a result at another noise "
         "rate has them for the same seed and settings",
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
-    p.add_argument(
-        "--render",
-        action="store_true",
-        help="only rewrite the table and plot from the result JSON (after editing "
-        "its notes, say)",
-    )
-    p.add_argument("--out", type=Path, default=common.REPO / "docs" / "quality")
-    p.add_argument("--work", type=Path, default=common.REPO / "outputs" / "quality")
+    common.add_run_args(p)
     args = p.parse_args()
     if args.quick:
         args.n_train, args.n_test, args.epochs, args.max_new_tokens = 16, 24, 1, 24
@@ -420,36 +411,19 @@ def main() -> None:
         "runs": {},
     }
 
-    def save() -> None:
-        if not args.quick:
-            common.merge_other_seeds(
-                result, args.out / f"{name}.json", RESUME_KEYS, args.seeds
-            )
-        common.write_outputs(
-            result, args.out, name, table(result), lambda p: plot(result, p)
-        )
-
-    args.save = save
-    args.settings = result["settings"]
-    if not args.quick:
-        # resume: keep the finished arms of an earlier run with the same settings
-        common.resume(result, args.out / f"{name}.json", RESUME_KEYS)
-    for seed in args.seeds:
-        rec = result["runs"].setdefault(str(seed), {"arms": {}})
-        run_seed(args, seed, args.work / name / f"seed{seed}", rec)
-    done = all(
-        all("test_accuracy" in r["arms"].get(a, {}) for a in ARMS)
-        for r in result["runs"].values()
+    args.settings = result["settings"]  # noise_free_result compares with it
+    common.run_seeds(
+        args,
+        name,
+        result,
+        resume_keys=RESUME_KEYS,
+        table_fn=table,
+        plot_fn=plot,
+        run_seed=run_seed,
+        finished=lambda run: all(
+            "test_accuracy" in run["arms"].get(a, {}) for a in ARMS
+        ),
     )
-    result["status"] = (
-        ("QUICK SMOKE RUN, not a result" if args.quick else "complete")
-        if done
-        else "partial"
-    )
-    if not args.quick and len(result["runs"]) == 1:
-        result["status"] += " (1 seed only)"
-    save()
-    print(table(result))
 
 
 if __name__ == "__main__":
