@@ -96,6 +96,20 @@ class ContrastConfig(_Strict):
     seed: int = Field(42, description="Seed of the positive-only row choice.")
     fields: ContrastFields = Field(default_factory=ContrastFields)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _template_is_not_a_preset(cls, data: Any) -> Any:
+        # `template: en` is the natural first guess; pydantic's own message
+        # ("Input should be a valid dictionary") does not say what to write.
+        if isinstance(data, dict) and isinstance(data.get("template"), str):
+            raise ValueError(
+                f"template must be a mapping of template parts, got "
+                f"{data['template']!r}; a preset is chosen with `preset: en` (or "
+                "`preset: zh`), and `template:` overrides single parts, e.g. "
+                "`template: {question: 'Q: {question}'}`"
+            )
+        return data
+
     @model_validator(mode="after")
     def _check_template(self) -> ContrastConfig:
         import string

@@ -102,8 +102,12 @@ def prepare_model(force: bool) -> None:
 def contrast_preview(config: Path, num_rows: int) -> None:
     """Print rendered contrast rows with the loss-carrying span marked."""
     from .contrast import preview_config
+    from .dataset_check import deferred
 
-    preview_config(load_config(config), num_rows=num_rows, echo=click.echo)
+    # The preview shows bad rows as such, so the load does not stop at the first.
+    with deferred():
+        cfg = load_config(config)
+    preview_config(cfg, num_rows=num_rows, echo=click.echo)
 
 
 @prefalign.command("spa-expand")

@@ -24,7 +24,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .args import ContrastConfig, ContrastFields, PrefAlignConfig
@@ -73,12 +72,16 @@ _SENTINELS = {"question": "\ue000", "negative": "\ue001", "positive": "\ue002"}
 _SPACES = " \t"
 
 
-class _RowProblem(Exception):
+class RowProblem(Exception):
     """A bad row: the field and what is wrong with it (turned into BadRowError)."""
 
     def __init__(self, fld: str | None, problem: str):
         super().__init__(problem)
         self.field, self.problem = fld, problem
+
+    def __reduce__(self):
+        # Rebuildable in the parent of a datasets worker (num_proc > 1).
+        return (type(self), (self.field, self.problem))
 
 
 @dataclass(frozen=True)
@@ -156,30 +159,30 @@ def _contrast_config(config: Any) -> ContrastConfig:
 def _messages(value: Any, fld: str) -> tuple[str, tuple[tuple[str, str], ...], Any]:
     """Question (last user message), earlier turns and a leading system message."""
     if not value:
-        raise _RowProblem(fld, "empty message list")
+        raise RowProblem(fld, "empty message list")
     msgs = []
     for j, m in enumerate(value):
         role = m.get("role") if isinstance(m, Mapping) else None
         content = m.get("content") if isinstance(m, Mapping) else None
         if not isinstance(role, str) or not isinstance(content, str):
-            raise _RowProblem(fld, f"message {j} needs text 'role' and 'content'")
+            raise RowProblem(fld, f"message {j} needs text 'role' and 'content'")
         msgs.append((role, content))
     system = None
     if msgs[0][0] == "system":
         system, msgs = msgs[0][1], msgs[1:]
     users = [j for j, (role, _) in enumerate(msgs) if role == "user"]
     if not users:
-        raise _RowProblem(fld, "has no user message (the question)")
+        raise RowProblem(fld, "has no user message (the question)")
     last = users[-1]
     if last != len(msgs) - 1:
-        raise _RowProblem(
+        raise RowProblem(
             fld,
             f"must end with the user message that asks the question; got a "
             f"trailing {msgs[-1][0]!r} message",
         )
     question = msgs[last][1].strip()
     if not question:
-        raise _RowProblem(fld, "the last user message is empty")
+        raise RowProblem(fld, "the last user message is empty")
     return question, tuple(msgs[:last]), system
 
 
@@ -192,7 +195,7 @@ def _answer(row: Mapping[str, Any], fld: str) -> str:
             row = {fld: value}
     problem = text_problem(row, fld)
     if problem:
-        raise _RowProblem(fld, problem)
+        raise RowProblem(fld, problem)
     return value.strip()
 
 
@@ -201,7 +204,7 @@ def _optional_text(row: Mapping[str, Any], fld: str) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str):
-        raise _RowProblem(fld, f"must be text, got {type(value).__name__}")
+        raise RowProblem(fld, f"must be text, got {type(value).__name__}")
     return value.strip()
 
 
@@ -220,12 +223,12 @@ def parse_row(row: Mapping[str, Any], fields: ContrastFields) -> ContrastPair:
         if problem == "missing":
             problem = f"missing (and no {fields.messages!r} message list)"
         if problem:
-            raise _RowProblem(fields.prompt, problem)
+            raise RowProblem(fields.prompt, problem)
         question = prompt.strip()
     positive = _answer(row, fields.chosen)
     negative = _answer(row, fields.rejected)
     if positive == negative:
-        raise _RowProblem(fields.rejected, "identical to the chosen answer")
+        raise RowProblem(fields.rejected, "identical to the chosen answer")
     instruction = _optional_text(row, fields.instruction)
     system = (
         msg_system if msg_system is not None else _optional_text(row, fields.system)
@@ -476,7 +479,7 @@ class ContrastFormat:
             if excess >= len(question_at):
                 n_answer = sum(k in ("positive", "end") for k in kinds)
                 rest = len(ids) - len(question_at)
-                raise _RowProblem(
+                raise RowProblem(
                     self.config.fields.chosen,
                     f"the positive answer ({n_answer} tokens with its end token) "
                     f"does not fit in sequence_len={limit}: {rest} tokens remain "
@@ -493,7 +496,7 @@ class ContrastFormat:
         """Validate and tokenize one raw row; a bad row raises `BadRowError`."""
         try:
             return self.encode_pair(parse_row(row, self.config.fields), index)
-        except _RowProblem as err:
+        except RowProblem as err:
             raise BadRowError(self.source, index, err.field, err.problem) from None
 
     def features(self, encoded: EncodedRow) -> dict[str, list[int]]:
@@ -516,7 +519,7 @@ class ContrastFormat:
     def _map_row(self, row: Mapping[str, Any], index: int) -> dict[str, Any]:
         try:
             encoded = self.encode_pair(parse_row(row, self.config.fields), index)
-        except _RowProblem as err:
+        except RowProblem as err:
             empty = self.features(EncodedRow([], [], False))
             return {**empty, _STATUS: f"bad\t{err.field or ''}\t{err.problem}"}
         status = list(encoded.truncation) + (["positive_only"] * encoded.positive_only)
@@ -652,7 +655,7 @@ def build_inference_prompt(
     if not isinstance(question, str):
         try:
             question, more, msg_system = _messages(list(question), "question")
-        except _RowProblem as err:
+        except RowProblem as err:
             raise ValueError(f"question: {err.problem}") from None
         turns += more
         system = system if system is not None else msg_system
@@ -720,33 +723,20 @@ def render_marked(fmt: ContrastFormat, encoded: EncodedRow, color: bool = False)
     return "".join(out)
 
 
-def _dataset_files(path: str) -> list[str]:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(str(f) for f in p.iterdir() if f.suffix in (".json", ".jsonl"))
-    else:
-        files = [str(p)] if p.suffix in (".json", ".jsonl") and p.exists() else []
-    if not files:
-        raise ValueError(
-            f"contrast-preview reads local .json/.jsonl files; {path!r} has none"
-        )
-    return files
-
-
 def preview_config(
     cfg: Any, num_rows: int = 3, echo: Callable[[str], Any] = print
 ) -> None:
     """Print the first rows of the config's contrast dataset as training sees them."""
-    import datasets
     from axolotl.loaders import load_tokenizer
+
+    from .local_data import read_entry
 
     ds_cfg = next(
         (d for d in cfg.get("datasets") or [] if d.get("type") == TYPE_NAME), None
     )
     if ds_cfg is None:
         raise ValueError(f"the config has no dataset with `type: {TYPE_NAME}`")
-    files = _dataset_files(ds_cfg["path"])
-    rows = datasets.load_dataset("json", data_files=files, split="train")
+    rows = read_entry(ds_cfg).rows
     fmt = load(load_tokenizer(cfg), cfg, ds_cfg)
     c = fmt.config
     color = sys.stdout.isatty()
@@ -764,14 +754,14 @@ def preview_config(
         try:
             encoded = fmt.encode_row(rows[index], index)
         except BadRowError as err:
-            echo(f"\n── row {index}: BAD ROW: {err}")
+            echo(f"\n── row {index + 1}: BAD ROW: {err}")
             continue
         n_loss = sum(k in ("positive", "end") for k in encoded.kinds)
         n_neg = sum(k == "negative" for k in encoded.kinds)
         notes = ["positive-only"] if encoded.positive_only else []
         notes += [t.replace("_", " ") for t in encoded.truncation]
         echo(
-            f"\n── row {index} ── {len(encoded.ids)} tokens, {n_loss} with loss, "
+            f"\n── row {index + 1} ── {len(encoded.ids)} tokens, {n_loss} with loss, "
             f"{n_neg} in the negative answer"
             + (f" ({', '.join(notes)})" if notes else "")
         )

@@ -35,11 +35,12 @@ from .contrast import (
     _SENTINELS,
     ContrastFormat,
     ContrastPair,
-    _RowProblem,
+    RowProblem,
     is_positive_only,
     parse_row,
 )
 from .contrast import TYPE_NAME as CONTRAST_TYPE
+from .local_data import DataFileError, LocalRows, read_entry
 from .rows import RowChecker, check_text_fields
 from .shards import atomic_write_json, atomic_write_text, main_process_only
 
@@ -60,7 +61,6 @@ PAIR_COLUMNS = {
     "chosen": "chosen",
     "rejected": "rejected",
 }
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 class ExportError(ValueError):
@@ -159,7 +159,7 @@ def _chat_row(
     for j in range(0, len(turns), 2):
         roles = [t["role"] for t in turns[j : j + 2]]
         if roles != ["user", "assistant"]:
-            raise _RowProblem(
+            raise RowProblem(
                 None,
                 "earlier chat turns must alternate user → assistant to become "
                 f"LLaMA-Factory history; got {[t['role'] for t in turns]}",
@@ -208,7 +208,7 @@ def contrast_rows(
                 out.append(_chat_row(fmt, capture, pair, pos_only))
             else:
                 out.append(_raw_row(fmt, pair, pos_only))
-        except _RowProblem as err:
+        except RowProblem as err:
             checker.bad(index, err.field, err.problem)
     return out
 
@@ -292,42 +292,17 @@ def _get(entry: Any, key: str) -> Any:
     return entry.get(key) if hasattr(entry, "get") else getattr(entry, key, None)
 
 
-def load_local_rows(ds_cfg: Any) -> list[dict[str, Any]]:
-    """The rows of a `datasets:` entry that names a local json/jsonl/parquet file
-    or folder (the export never reaches a hub)."""
-    import datasets
-
-    path = Path(str(_get(ds_cfg, "path"))).expanduser()
-    files = _get(ds_cfg, "data_files")
-    if files:
-        files = [files] if isinstance(files, str) else list(files)
-    elif path.is_dir():
-        files = sorted(str(f) for f in path.iterdir() if f.suffix in LOCAL_FORMATS)
-    elif path.is_file():
-        files = [str(path)]
-    else:
-        files = []
-    if not files:
-        raise ExportError(
-            f"{path}: the export reads local .json/.jsonl/.parquet files only, and "
-            "found none there"
-        )
-    kinds = {LOCAL_FORMATS.get(Path(f).suffix) for f in files}
-    if len(kinds) != 1 or None in kinds:
-        raise ExportError(f"{path}: cannot read {files} as one json/parquet set")
-    split = _get(ds_cfg, "split") or "train"
-    ds = datasets.load_dataset(kinds.pop(), data_files=files, split=split)
-    return ds.to_list()
+def load_local_rows(ds_cfg: Any, on_bad_row: str = "error") -> LocalRows:
+    """The rows of a `datasets:` entry that names local data, with their lines
+    (the export never reaches a hub)."""
+    try:
+        return read_entry(ds_cfg, on_bad_row)
+    except DataFileError as err:
+        raise ExportError(f"the export reads local data only: {err}") from None
 
 
 def _entries(cfg: Any, type_name: str) -> list[Any]:
     return [d for d in (cfg.get("datasets") or []) if _get(d, "type") == type_name]
-
-
-def _source(ds_cfg: Any) -> str:
-    files = _get(ds_cfg, "data_files")
-    path = str(_get(ds_cfg, "path"))
-    return f"{path} ({files})" if files else path
 
 
 def export_contrast(cfg: Any, pa: PrefAlignConfig, tokenizer: Any) -> ExportedSet:
@@ -335,10 +310,11 @@ def export_contrast(cfg: Any, pa: PrefAlignConfig, tokenizer: Any) -> ExportedSe
     rows, skipped = [], 0
     sources = []
     for ds_cfg in _entries(cfg, CONTRAST_TYPE):
-        checker = RowChecker(_source(ds_cfg), pa.on_bad_row)
-        rows += contrast_rows(load_local_rows(ds_cfg), pa.contrast, tokenizer, checker)
+        data = load_local_rows(ds_cfg, pa.on_bad_row)
+        checker = data.checker(pa.on_bad_row)
+        rows += contrast_rows(data.rows, pa.contrast, tokenizer, checker)
         checker.report()
-        skipped += checker.n_skipped
+        skipped += data.n_skipped + checker.n_skipped
         sources.append(checker.source)
     columns = dict(SFT_COLUMNS)
     if any("system" in r for r in rows):
@@ -386,13 +362,23 @@ def export_spa(cfg: Any, pa: PrefAlignConfig) -> list[ExportedSet]:
     sets = []
     seeds = _entries(cfg, SPA_TYPE)
     if seeds:
-        rows, sources = [], []
+        rows, sources, skipped = [], [], 0
         for ds_cfg in seeds:
-            rows += load_local_rows(ds_cfg)
-            sources.append(_source(ds_cfg))
+            data = load_local_rows(ds_cfg, pa.on_bad_row)
+            checker = data.checker(pa.on_bad_row)
+            rows += spa_rows(data.rows, checker)
+            checker.report()
+            skipped += data.n_skipped + checker.n_skipped
+            sources.append(data.source)
         sets.append(
-            _pair_set(
-                SPA_SEED_NAME, "spa_seed.jsonl", rows, ", ".join(sources), pa.on_bad_row
+            ExportedSet(
+                SPA_SEED_NAME,
+                "spa_seed.jsonl",
+                rows,
+                True,
+                dict(PAIR_COLUMNS),
+                ", ".join(sources),
+                skipped,
             )
         )
     out_dir = cfg.get("output_dir")
@@ -421,7 +407,7 @@ def robustft_output_dir(cfg: Any, ds_cfg: Any) -> Path:
     from .robustft.pipeline import cache_key, default_parent, load_input, output_folder
 
     pa = prefalign_config(cfg)
-    ds = load_input(ds_cfg)
+    ds = load_input(ds_cfg, pa.on_bad_row).rows
     key = cache_key(
         pa.robustft, ds, base_model=cfg.get("base_model"), on_bad_row=pa.on_bad_row
     )

@@ -9,6 +9,7 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 
 from .args import PrefAlignConfig, PrefAlignConfigError
+from .dataset_check import precheck_datasets
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -58,6 +59,25 @@ def _resolve_default_model(cfg: dict) -> None:
             from .models import prepare_default_model
 
             cfg[key] = str(prepare_default_model())
+
+
+def _one_row_debug_sample() -> None:
+    # Shim (Axolotl 0.19-0.21): `axolotl preprocess` prints a random sample drawn
+    # by `sample_dataset` with randrange(0, len - 1), which raises "empty range"
+    # for a one-row dataset after the data were prepared. Draw from the full range.
+    import random
+
+    from axolotl.common import datasets as common
+
+    if getattr(common.sample_dataset, "_prefalign", False):
+        return
+
+    def sample_dataset(dataset: Any, num_samples: int) -> Any:
+        picks = [random.randrange(len(dataset)) for _ in range(num_samples)]  # nosec
+        return dataset.select(picks)
+
+    sample_dataset._prefalign = True
+    common.sample_dataset = sample_dataset
 
 
 LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
@@ -116,6 +136,8 @@ class PrefAlignPlugin(BasePlugin):
         _use_axolotl_logging()
         pa = prefalign_config(cfg)
         _salt_dataset_hash()
+        _one_row_debug_sample()
+        precheck_datasets(cfg, pa)
         _resolve_default_model(cfg)
         _cpu_safe_lora_kernels(cfg)
         if pa.trainer_active:

@@ -1,23 +1,56 @@
-"""Row validation shared by every input path: a clear error, or a counted skip."""
+"""Row validation shared by every input path: a clear error, or a counted skip.
+
+One rule for where a problem is: 1-based, as editors and spreadsheets show it.
+A row read from a JSON-lines file is named by its line in the file
+(`data.jsonl, line 3, field 'chosen': ...`); any other row by its 1-based position
+in the source (`my/dataset, row 3, ...`).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 LOG = logging.getLogger("axolotl_prefalign")
 
 
-class BadRowError(ValueError):
-    """An input row that cannot be used; the message names source, row and field."""
+def where(source: str, row: int, line: int | None = None) -> str:
+    """`source, line L` (a JSON-lines file) or `source, row N` (1-based); a
+    negative row means the position is unknown (the source then says which)."""
+    if line is not None:
+        return f"{source}, line {line}"
+    return f"{source}, row {row + 1}" if row >= 0 else source
 
-    def __init__(self, source: str, row: int, fld: str | None, problem: str):
+
+class BadRowError(ValueError):
+    """An input row that cannot be used; the message names source, row and field.
+
+    `row` is the 0-based position in the source, `line` the 1-based line of a
+    JSON-lines file when known. The error survives pickling: `datasets` workers
+    (num_proc > 1) send it to the parent, which must rebuild it or hang.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        row: int,
+        fld: str | None,
+        problem: str,
+        line: int | None = None,
+    ):
         self.source, self.row, self.field, self.problem = source, row, fld, problem
-        where = f"{source}, row {row}" + (f", field {fld!r}" if fld else "")
-        super().__init__(f"{where}: {problem}")
+        self.line = line
+        at = where(source, row, line) + (f", field {fld!r}" if fld else "")
+        super().__init__(f"{at}: {problem}")
+
+    def __reduce__(self):
+        return (
+            type(self),
+            (self.source, self.row, self.field, self.problem, self.line),
+        )
 
 
 @dataclass
@@ -27,6 +60,8 @@ class RowChecker:
     source: str
     policy: str = "error"
     skipped: Counter = field(default_factory=Counter)
+    # 1-based file line of each row (JSON-lines input), so errors name the line.
+    lines: Sequence[int | None] | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in ("error", "skip"):
@@ -34,10 +69,19 @@ class RowChecker:
                 f"on_bad_row must be 'error' or 'skip', got {self.policy!r}"
             )
 
-    def bad(self, row: int, fld: str | None, problem: str) -> None:
+    def line_of(self, row: int) -> int | None:
+        """The 1-based file line of 0-based row `row`, when known."""
+        if self.lines is None or not 0 <= row < len(self.lines):
+            return None
+        return self.lines[row]
+
+    def bad(
+        self, row: int, fld: str | None, problem: str, line: int | None = None
+    ) -> None:
         """Raise under `error`; count under `skip`."""
         if self.policy == "error":
-            raise BadRowError(self.source, row, fld, problem)
+            line = line if line is not None else self.line_of(row)
+            raise BadRowError(self.source, row, fld, problem, line)
         self.skipped[f"{fld}: {problem}" if fld else problem] += 1
 
     @property

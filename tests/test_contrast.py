@@ -383,7 +383,7 @@ def test_positive_answer_that_cannot_fit_is_an_error_naming_row_and_field(
     fmt = fmt_for(tiny_tokenizer, sequence_len=64, source="data/pairs.jsonl")
     with pytest.raises(
         BadRowError,
-        match=r"data/pairs\.jsonl, row 4, field 'chosen': the positive answer "
+        match=r"data/pairs\.jsonl, row 5, field 'chosen': the positive answer "
         r"\(\d+ tokens with its end token\) does not fit in sequence_len=64",
     ):
         fmt.encode_row(row, 4)
@@ -413,7 +413,7 @@ def test_bad_row_is_an_error_naming_dataset_row_and_field(
     ds = Dataset.from_list([GOOD, {**GOOD, **bad}, GOOD])
     fmt = fmt_for(tiny_tokenizer, source="data/pairs.jsonl")
     with pytest.raises(
-        BadRowError, match=rf"data/pairs\.jsonl, row 1, field '{field}': {problem}"
+        BadRowError, match=rf"data/pairs\.jsonl, row 2, field '{field}': {problem}"
     ):
         fmt.wrap_dataset(ds)
 
@@ -429,7 +429,7 @@ def test_empty_dataset_is_an_error_naming_the_source(tiny_tokenizer, columns):
 
 def test_non_text_answer_is_a_bad_row(tiny_tokenizer):
     with pytest.raises(
-        BadRowError, match="row 2, field 'chosen': must be text, got int"
+        BadRowError, match="row 3, field 'chosen': must be text, got int"
     ):
         fmt_for(tiny_tokenizer).encode_row({**GOOD, "chosen": 42}, 2)
 
@@ -505,7 +505,7 @@ def test_messages_ending_with_an_assistant_turn_is_a_bad_row(tiny_tokenizer):
         "rejected": "y",
     }
     with pytest.raises(
-        BadRowError, match="row 0, field 'messages': must end with the user message"
+        BadRowError, match="row 1, field 'messages': must end with the user message"
     ):
         fmt_for(tiny_tokenizer).encode_row(row, 0)
 
@@ -804,6 +804,7 @@ def test_preview_marks_the_loss_span(
 
     from axolotl_prefalign.cli import load_config
     from axolotl_prefalign.contrast import preview_config
+    from axolotl_prefalign.dataset_check import deferred
 
     data = tmp_path / "pairs.jsonl"
     rows = [GOOD, {**GOOD, "rejected": "Paris"}, {**GOOD, "chosen": "Lyon? No: Paris"}]
@@ -831,18 +832,20 @@ def test_preview_marks_the_loss_span(
     path.write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)
     lines: list[str] = []
-    preview_config(load_config(path), num_rows=5, echo=lines.append)
+    with deferred():  # as the contrast-preview command loads it
+        cfg = load_config(path)
+    preview_config(cfg, num_rows=5, echo=lines.append)
     text = "\n".join(lines)
     assert "pairs.jsonl: 3 rows · preset en · mode raw" in text
     assert "Negative answer:⟨ Berlin⟩\nPositive answer:⟦ Paris<|im_end|>⟧" in text
-    assert "row 1: BAD ROW: pairs.jsonl, row 1, field 'rejected': identical" in text
+    assert "row 2: BAD ROW: pairs.jsonl, row 2, field 'rejected': identical" in text
     assert "Positive answer:⟦ Lyon? No: Paris<|im_end|>⟧" in text
     fmt = fmt_for(tiny_tokenizer, unlikelihood_weight=0.2)
     feats = fmt.tokenize_row(GOOD, 0)
     n, (a, b) = len(feats["input_ids"]), loss_span(feats)
     n_neg = sum(t != IGNORE for t in feats["negative_labels"])
     header = (
-        f"── row 0 ── {n} tokens, {b - a} with loss, {n_neg} in the negative answer"
+        f"── row 1 ── {n} tokens, {b - a} with loss, {n_neg} in the negative answer"
     )
     assert header in text
 

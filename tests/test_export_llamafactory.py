@@ -126,7 +126,7 @@ def test_chat_history_that_does_not_alternate_is_a_bad_row(tiny_tokenizer):
         "chosen": "x",
         "rejected": "y",
     }
-    with pytest.raises(BadRowError, match=r"c.jsonl, row 0: earlier chat turns"):
+    with pytest.raises(BadRowError, match=r"c.jsonl, row 1: earlier chat turns"):
         contrast_rows(
             [row], ContrastConfig(mode="chat"), tiny_tokenizer, RowChecker("c.jsonl")
         )
@@ -145,7 +145,7 @@ def test_positive_first_order_cannot_be_exported(tiny_tokenizer):
 def test_bad_contrast_rows_error_or_are_counted(tiny_tokenizer):
     rows = [PAIRS[0], {**PAIRS[1], "rejected": "Eight"}, {**PAIRS[2], "chosen": ""}]
     with pytest.raises(
-        BadRowError, match=r"bad.jsonl, row 1, field 'rejected': identical"
+        BadRowError, match=r"bad.jsonl, row 2, field 'rejected': identical"
     ):
         contrast_rows(rows, ContrastConfig(), tiny_tokenizer, RowChecker("bad.jsonl"))
     checker = RowChecker("bad.jsonl", "skip")
@@ -199,7 +199,7 @@ def test_spa_rows_fill_judge_fields_and_write_nan_margin_as_null():
 
 def test_bad_spa_rows_name_source_row_and_field():
     rows = [{"prompt": "Q", "chosen": "a", "rejected": "a"}]
-    with pytest.raises(BadRowError, match=r"seed.jsonl, row 0, field 'rejected'"):
+    with pytest.raises(BadRowError, match=r"seed.jsonl, row 1, field 'rejected'"):
         spa_rows(rows, RowChecker("seed.jsonl"))
     checker = RowChecker("seed.jsonl", "skip")
     assert spa_rows(rows + [{"prompt": "Q", "chosen": "a"}], checker) == []

@@ -19,6 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "axolotl_prefalign" / "data" / "robustft_example.jsonl"
 
 
+def _as_axolotl_loads(ds_cfg: dict):
+    """The entry's file as Axolotl hands it to the dataset type (datasets' JSON)."""
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(ds_cfg["path"]), split="train")
+
+
 def _write_rows(path: Path, n: int) -> Path:
     lines = EXAMPLE.read_text().splitlines()[:n]
     path.write_text("\n".join(lines) + "\n")
@@ -130,7 +137,7 @@ def test_dataset_type_trains_on_the_denoised_rows_via_axolotl(tiny_tokenizer, tm
         tokenizer=tiny_tokenizer,
         cfg=DictDefault(cfg),
         dataset_base_type=None,
-        dataset=P.load_input(ds_cfg),
+        dataset=_as_axolotl_loads(ds_cfg),
     )
     assert wrapped.column_names == ["input_ids", "attention_mask", "labels"]
     assert len(wrapped) == 5
@@ -161,7 +168,7 @@ def test_dataset_type_runs_the_pipeline_when_no_output_exists(
     cfg["sequence_len"] = 512
     strategy = load(tiny_tokenizer, cfg, cfg["datasets"][0])
     try:
-        wrapped = strategy.wrap_dataset(P.load_input(cfg["datasets"][0]))
+        wrapped = strategy.wrap_dataset(_as_axolotl_loads(cfg["datasets"][0]))
     except P.RobustFTError as err:
         # The random model may give no usable answer at all: then a clear error.
         assert "no training rows" in str(err)

@@ -566,20 +566,20 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     [
         (
             {"question": "  ", "options": ["a", "b"], "answer": "A"},
-            r"toy.jsonl, row 1, field 'question': empty",
+            r"toy.jsonl, row 2, field 'question': empty",
         ),
-        ({"options": ["a", "b"], "answer": "A"}, r"row 1, field 'question': missing"),
+        ({"options": ["a", "b"], "answer": "A"}, r"row 2, field 'question': missing"),
         (
             {"question": "q?", "options": ["a", "b"], "answer": ""},
-            r"row 1, field 'answer': empty",
+            r"row 2, field 'answer': empty",
         ),
         (
             {"question": "q?", "options": "a, b", "answer": "A"},
-            r"row 1, field 'options': options must be a list of texts, got str",
+            r"row 2, field 'options': options must be a list of texts, got str",
         ),
         (
             {"question": "q?", "options": ["a", "b"], "answer": "E"},
-            r"row 1, field 'answer': answer letter 'E' is not among the 2 options",
+            r"row 2, field 'answer': answer letter 'E' is not among the 2 options",
         ),
         (
             {"question": "q?", "options": ["a", ""], "answer": "A"},
@@ -587,7 +587,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
         ),
         (
             {"question": "q?", "options": ["a", "b"], "answer": "A", "gold": "Z"},
-            r"row 1, field 'gold': answer letter 'Z'",
+            r"row 2, field 'gold': answer letter 'Z'",
         ),
     ],
 )
@@ -596,7 +596,7 @@ def test_bad_rows_stop_with_file_row_and_field(row, message):
     if isinstance(row.get("options"), str):
         # Arrow cannot mix list and text in one column: a whole text column.
         good = {**good, "options": "a, b"}
-        message = message.replace("row 1", "row 0")
+        message = message.replace("row 2", "row 1")
     ds = Dataset.from_list([good, {"gold": "A", **row}])
     with pytest.raises(BadRowError, match=message):
         P.prepare_rows(ds, settings(), RowChecker("toy.jsonl", "error"))
@@ -705,7 +705,8 @@ def test_load_input_reads_only_local_files(tmp_path):
         P.load_input({"path": "someone/hub-dataset"})
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "q?", "answer": "a"}\n')
-    assert P.load_input({"path": str(path)})["question"] == ["q?"]
+    data = P.load_input({"path": str(path)})
+    assert data.rows == [{"question": "q?", "answer": "a"}] and data.lines == [1]
 
 
 def test_weak_experts_are_flagged_in_the_log(tmp_path, caplog):

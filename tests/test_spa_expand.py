@@ -180,7 +180,7 @@ def test_malformed_and_overlong_prompts_raise_or_are_counted(tiny_tokenizer):
         {"index": 2, "prompt": None},
         {"index": 3, "prompt": "word " * 200},
     ]
-    with pytest.raises(BadRowError, match="p.jsonl, row 1, field 'prompt': empty"):
+    with pytest.raises(BadRowError, match="p.jsonl, row 2, field 'prompt': empty"):
         prepare_prompts(rows, tiny_tokenizer, max_prompt_tokens=64, source="p.jsonl")
     kept, checker = prepare_prompts(
         rows, tiny_tokenizer, max_prompt_tokens=64, on_bad_row="skip", source="p.jsonl"
@@ -189,7 +189,7 @@ def test_malformed_and_overlong_prompts_raise_or_are_counted(tiny_tokenizer):
     assert checker.n_skipped == 3
     assert any("max_prompt_tokens (64)" in why for why in checker.skipped)
     with pytest.raises(
-        BadRowError, match="row 3, field 'prompt': .* tokens > prefalign"
+        BadRowError, match="row 4, field 'prompt': .* tokens > prefalign"
     ):
         prepare_prompts(rows[3:], tiny_tokenizer, max_prompt_tokens=64)
 

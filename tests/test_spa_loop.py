@@ -121,7 +121,7 @@ def test_malformed_prompt_rows_name_file_row_and_field(tmp_path, caplog):
         '{"prompt": "another good one"}\n'
     )
     src = SpaPromptSource(path=str(path))
-    with pytest.raises(BadRowError, match=r"p.jsonl, row 1: invalid JSON"):
+    with pytest.raises(BadRowError, match=r"p.jsonl, line 2: malformed JSON"):
         load_prompts(src)
     with caplog.at_level(logging.WARNING, logger="axolotl_prefalign"):
         ds = load_prompts(src, "skip")
@@ -129,7 +129,7 @@ def test_malformed_prompt_rows_name_file_row_and_field(tmp_path, caplog):
     assert "skipped 4 bad row(s)" in caplog.text
     assert "prompt: missing" in caplog.text and "must be text, got int" in caplog.text
     path.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
-    with pytest.raises(BadRowError, match=r"row 1, field 'prompt': empty"):
+    with pytest.raises(BadRowError, match=r"p.jsonl, line 2, field 'prompt': empty"):
         load_prompts(src)
     with pytest.raises(SpaLoopError, match="does not exist"):
         load_prompts(SpaPromptSource(path=str(tmp_path / "nope.jsonl")))
@@ -140,15 +140,15 @@ def test_bad_jsonl_rows_name_their_line_in_the_file(tmp_path, caplog):
     path = tmp_path / "p.jsonl"
     src = SpaPromptSource(path=str(path))
     path.write_text('\n{"prompt": "good one"}\n\n\n{not json\n')
-    with pytest.raises(
-        BadRowError, match=r"p.jsonl, row 1: invalid JSON \(.*\) \(line 5 of the file\)"
-    ):
+    with pytest.raises(BadRowError, match=r"p.jsonl, line 5: malformed JSON \(.*\)$"):
         load_prompts(src)
     path.write_text('{"prompt": "a"}\n\n["a list"]\n')
-    with pytest.raises(BadRowError, match=r"row 1: must be an object.*\(line 3 "):
+    with pytest.raises(
+        BadRowError, match=r"p.jsonl, line 3: must be a JSON object, got a list"
+    ):
         load_prompts(src)
     path.write_text('\n\n{"prompt": "a"}\n\n{"text": "b"}\n{"text": "c"}\n')
-    with pytest.raises(BadRowError, match=r"row 1, field 'prompt': .*\(line 5 "):
+    with pytest.raises(BadRowError, match=r"p.jsonl, line 5, field 'prompt': missing"):
         load_prompts(src)
     with caplog.at_level(logging.WARNING, logger="axolotl_prefalign"):
         assert load_prompts(src, "skip")["index"] == [0]

@@ -87,7 +87,7 @@ def test_judged_rows_keep_their_fields():
 )
 def test_bad_rows_name_source_row_and_field(row, field, problem):
     with pytest.raises(
-        BadRowError, match=rf"pairs.jsonl, row 4, field '{field}': .*{problem}"
+        BadRowError, match=rf"pairs.jsonl, row 5, field '{field}': .*{problem}"
     ):
         normalize_pair(row, 4, RowChecker("pairs.jsonl"))
     skip = RowChecker("pairs.jsonl", "skip")
@@ -118,7 +118,7 @@ def test_transform_renders_and_drops_bad_rows_under_skip(tiny_tokenizer):
     assert out["chosen"] == ["a<|im_end|>", "c<|im_end|>"]
     assert out["margin"][0] == 0.5 and math.isnan(out["margin"][1])
     strict, _ = spa_pairs(_cfg("error"))
-    with pytest.raises(BadRowError, match="seed.jsonl, row 1, field 'chosen': empty"):
+    with pytest.raises(BadRowError, match="seed.jsonl, row 2, field 'chosen': empty"):
         strict(batch, [0, 1, 2], tokenizer=tiny_tokenizer)
 
 

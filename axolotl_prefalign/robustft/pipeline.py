@@ -35,6 +35,7 @@ from typing import Any
 from datasets import Dataset
 
 from ..args import RobustFTConfig
+from ..local_data import DataFileError, LocalRows, read_entry
 from ..rows import RowChecker, text_problem
 from ..shards import (
     ShardWriter,
@@ -68,7 +69,10 @@ TRAIN_FILE, ALL_FILE, REPORT_FILE = "denoised.jsonl", "all.jsonl", "report.json"
 NEIGHBOURS_FILE = "neighbours.json"
 BASE_EXPERT = "base"
 PREFIX = "robustft_"
-INPUT_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+# A Dataset, or rows read by local_data (plain dicts, possibly of mixed types).
+Rows = Dataset | Sequence[Mapping[str, Any]]
 
 
 class RobustFTError(RuntimeError):
@@ -89,7 +93,7 @@ class DenoiseResult:
 
 
 def prepare_rows(
-    ds: Dataset, settings: RobustFTConfig, checker: RowChecker
+    ds: Rows, settings: RobustFTConfig, checker: RowChecker
 ) -> tuple[Dataset, dict[int, str]]:
     """Validate every row and parse its label: (rows to denoise, skipped idx → why).
 
@@ -97,7 +101,7 @@ def prepare_rows(
     (canonical answer), `style` (how to write a label back) and `gold`.
     """
     f = settings.fields
-    has_options = f.options is not None and f.options in ds.column_names
+    has_options = f.options is not None and f.options in _column_names(ds)
     out: list[dict[str, Any]] = []
     skipped: dict[int, str] = {}
 
@@ -167,21 +171,22 @@ def _options_problem(options: Any) -> str | None:
     return None
 
 
-def load_input(ds_cfg: Mapping[str, Any]) -> Dataset:
-    """A local json/jsonl/parquet file named by a `datasets:` entry."""
-    path = Path(str(ds_cfg.get("path", ""))).expanduser()
-    suffixes = "".join(path.suffixes[-2:])
-    fmt = INPUT_FORMATS.get(path.suffix) or (
-        "json" if suffixes in (".json.gz", ".jsonl.gz") else None
-    )
-    if not path.is_file() or fmt is None:
+def load_input(ds_cfg: Mapping[str, Any], on_bad_row: str = "error") -> LocalRows:
+    """The rows of a local file or folder named by a `datasets:` entry, each with
+    its line (no hub or remote datasets)."""
+    try:
+        return read_entry(ds_cfg, on_bad_row)
+    except DataFileError as err:
         raise RobustFTError(
-            f"RobustFT reads local .json/.jsonl/.parquet files; {str(path)!r} is not "
-            "one (no hub or remote datasets)"
-        )
-    from datasets import load_dataset
+            f"RobustFT reads local .json/.jsonl/.parquet/.csv data only: {err}"
+        ) from None
 
-    return load_dataset(fmt, data_files=str(path), split=ds_cfg.get("split") or "train")
+
+def _column_names(ds: Rows) -> list[str]:
+    names = getattr(ds, "column_names", None)
+    if names is not None:
+        return list(names)
+    return list(dict.fromkeys(k for row in ds for k in row))
 
 
 # ------------------------------------------------------------- output folder
@@ -200,7 +205,7 @@ def expert_list(
 
 def cache_key(
     settings: RobustFTConfig,
-    ds: Dataset,
+    ds: Rows,
     *,
     base_model: str | None,
     on_bad_row: str,
@@ -214,8 +219,14 @@ def cache_key(
         "version": 1,
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
+    # Only the columns RobustFT reads, missing ones as None: the rows of a file
+    # read line by line and the same file loaded by datasets (Axolotl's dataset
+    # type) then give the same key.
+    f = settings.fields
+    used = [f.question, f.answer, f.options, settings.gold_field]
+    used = sorted({c for c in used if c})
     for row in ds:
-        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        h.update(json.dumps([row.get(c) for c in used], default=str).encode())
         h.update(b"\n")
     return h.hexdigest()
 
@@ -277,7 +288,7 @@ def _slug(name: str) -> str:
 
 
 def denoise_dataset(
-    ds: Dataset,
+    ds: Rows,
     settings: RobustFTConfig,
     out_dir: str | Path,
     *,
@@ -287,8 +298,11 @@ def denoise_dataset(
     load_predictor: Callable[[str], Predictor] | None = None,
     encoder: Encoder | None = None,
     load_in_4bit: bool = False,
+    lines: Sequence[int | None] | None = None,
 ) -> DenoiseResult:
     """Detect, relabel and select the noisy rows of `ds`; resumable in `out_dir`.
+
+    `lines` (each row's line in a JSON-lines file) lets errors name the line.
 
     `load_predictor(path)` and `encoder` replace the local HF models and the
     sentence encoder (tests pass fixed replies and a bag-of-words embedding).
@@ -298,7 +312,7 @@ def denoise_dataset(
         LOG.info("robustft: %s is complete; reusing it", out_dir)
         return load_result(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checker = RowChecker(source, on_bad_row)
+    checker = RowChecker(source, on_bad_row, lines=lines)
     rows, skipped = prepare_rows(ds, settings, checker)
     experts = expert_list(settings, base_model)
     relabel_path = base_model or experts[0][1]
@@ -445,7 +459,7 @@ def _finite(x: Any) -> float | None:
 
 
 def _write_outputs(
-    ds: Dataset,
+    ds: Rows,
     settings: RobustFTConfig,
     out_dir: Path,
     clean: Dataset,
@@ -741,7 +755,7 @@ def robustft_entries(cfg: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def denoise_entry(
     cfg: Mapping[str, Any],
     ds_cfg: Mapping[str, Any],
-    ds: Dataset | None = None,
+    ds: Rows | None = None,
     *,
     load_predictor: Callable[[str], Predictor] | None = None,
     encoder: Encoder | None = None,
@@ -751,8 +765,10 @@ def denoise_entry(
 
     pa = prefalign_config(cfg)
     settings = pa.robustft
+    lines = None
     if ds is None:
-        ds = load_input(ds_cfg)
+        data = load_input(ds_cfg, pa.on_bad_row)
+        ds, lines = data.rows, data.lines
     base_model = cfg.get("base_model")
     key = cache_key(settings, ds, base_model=base_model, on_bad_row=pa.on_bad_row)
     source = str(ds_cfg.get("path", "dataset"))
@@ -767,6 +783,7 @@ def denoise_entry(
         load_predictor=load_predictor,
         encoder=encoder,
         load_in_4bit=bool(cfg.get("load_in_4bit")),
+        lines=lines,
     )
 
 

@@ -87,84 +87,25 @@ class SpaLoopError(RuntimeError):
 # -- prompts -------------------------------------------------------------------
 
 
-def _bad(
-    checker: RowChecker, idx: int, fld: str | None, problem: str, line: int | None
-) -> None:
-    """checker.bad; the error also names the row's line in a .jsonl file."""
-    if line is not None and checker.policy == "error":
-        # Rows skip blank lines, so "row N" alone would point at the wrong line.
-        # (Only in the error: skip counts group by problem, without line numbers.)
-        problem = f"{problem} (line {line} of the file)"
-    checker.bad(idx, fld, problem)
-
-
-def _read_rows(
-    source: SpaPromptSource, checker: RowChecker
-) -> tuple[list[Any], list[int] | None]:
-    """The source's rows, and for .jsonl each row's 1-based line in the file."""
-    path = Path(source.path).expanduser()
-    if not path.exists():
-        raise SpaLoopError(f"prefalign.spa.prompts: {path} does not exist")
-    if path.suffix == ".jsonl":
-        rows: list[Any] = []
-        numbered = [
-            (n, ln)
-            for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-            if ln.strip()
-        ]
-        for idx, (n, line) in enumerate(numbered):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                _bad(checker, idx, None, f"invalid JSON ({err.msg})", n)
-                rows.append(None)
-        return rows, [n for n, _ in numbered]
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise SpaLoopError(
-                f"{path}: expected a JSON list of objects (or use .jsonl)"
-            )
-        return data, None
-    import datasets
-
-    if path.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            ds = datasets.load_dataset(str(path), split=source.split)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[source.split]
-    else:
-        kind = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(
-            path.suffix
-        )
-        if kind is None:
-            raise SpaLoopError(f"{path}: use a .jsonl, .json, .csv or .parquet file")
-        ds = datasets.load_dataset(kind, data_files=str(path), split=source.split)
-    return ds.to_list(), None
-
-
 def load_prompts(source: SpaPromptSource, on_bad_row: str = "error"):
     """A source's prompts as a Dataset with `index` (source row) and `prompt`."""
     from datasets import Dataset
 
+    from ..local_data import DataFileError, read_local
+
     checker = RowChecker(str(source.path), on_bad_row)
+    try:
+        data = read_local(source.path, split=source.split, checker=checker)
+    except DataFileError as err:
+        raise SpaLoopError(f"prefalign.spa.prompts: {err}") from None
+    checker.lines = data.lines
     index, prompts = [], []
-    rows, lines = _read_rows(source, checker)
-    for idx, row in enumerate(rows):
-        line = lines[idx] if lines is not None else None
-        if row is None:  # invalid JSON line, already counted
-            continue
-        if not isinstance(row, dict):
-            kind = type(row).__name__
-            _bad(checker, idx, None, f"must be an object, got {kind}", line)
-            continue
+    for idx, row in enumerate(data.rows):
         problem = text_problem(row, source.field)
         if problem:
-            _bad(checker, idx, source.field, problem, line)
+            checker.bad(idx, source.field, problem)
             continue
-        index.append(idx)
+        index.append(data.positions[idx])
         prompts.append(row[source.field].strip())
     checker.report()
     return Dataset.from_dict({"index": index, "prompt": prompts})

@@ -1,0 +1,139 @@
+"""Pre-check of the `datasets:` entries that use our types, before Axolotl loads them.
+
+Axolotl reads local files with `datasets`, whose errors name neither the line nor
+the field (and a column of mixed types fails the whole file). So at `register`
+time every local file behind `type: axolotl_prefalign.contrast` or
+`axolotl_prefalign.spa_pairs` or `axolotl_prefalign.robustft` is read here, line by
+line, and each row validated
+with the format's own row check: under `on_bad_row: error` the first bad row stops
+the run naming file, line and field; under `skip` the bad rows are counted and
+the entry is pointed at a checked copy without them, so that every row we report
+as kept reaches training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from .args import PrefAlignConfig
+from .local_data import is_local, read_entry, write_jsonl
+from .rows import RowChecker
+
+LOG = logging.getLogger("axolotl_prefalign")
+
+CONTRAST_TYPE = "axolotl_prefalign.contrast"
+SPA_PAIRS_TYPE = "axolotl_prefalign.spa_pairs"
+ROBUSTFT_TYPE = "axolotl_prefalign.robustft"
+SPLIT_KEYS = ("datasets", "test_datasets")
+
+# Each check returns the 0-based positions of the usable rows (bad ones raise
+# under on_bad_row: error, or are counted by the checker under skip).
+RowsCheck = Callable[[list[Any], RowChecker, PrefAlignConfig], list[int]]
+
+
+def _contrast_ok(rows: list[Any], checker: RowChecker, pa: PrefAlignConfig):
+    from .contrast import RowProblem, parse_row
+
+    kept = []
+    for idx, row in enumerate(rows):
+        try:
+            parse_row(row, pa.contrast.fields)
+        except RowProblem as err:
+            checker.bad(idx, err.field, err.problem)
+            continue
+        kept.append(idx)
+    return kept
+
+
+def _spa_pairs_ok(rows: list[Any], checker: RowChecker, pa: PrefAlignConfig):
+    from .spa.pairs import normalize_pair
+
+    return [i for i, r in enumerate(rows) if normalize_pair(r, i, checker) is not None]
+
+
+def _robustft_ok(rows: list[Any], checker: RowChecker, pa: PrefAlignConfig):
+    from .robustft.pipeline import prepare_rows
+
+    _, skipped = prepare_rows(rows, pa.robustft, checker)
+    return [i for i in range(len(rows)) if i not in skipped]
+
+
+ROWS_CHECKS: dict[str, RowsCheck] = {
+    CONTRAST_TYPE: _contrast_ok,
+    SPA_PAIRS_TYPE: _spa_pairs_ok,
+    ROBUSTFT_TYPE: _robustft_ok,
+}
+
+
+def checked_dir() -> Path:
+    """Where checked copies of inputs with skipped rows are written."""
+    from .models import cache_dir
+
+    return cache_dir() / "checked"
+
+
+def _checked_copy(entry: MutableMapping[str, Any], rows: list[Any]) -> Path:
+    body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+    stem = Path(str(entry.get("path"))).name.split(".")[0] or "dataset"
+    return write_jsonl(rows, checked_dir() / f"{stem}-{digest}.jsonl")
+
+
+def precheck_entry(
+    entry: MutableMapping[str, Any], pa: PrefAlignConfig
+) -> tuple[int, int] | None:
+    """Check one entry of our types: (rows kept, rows skipped), None if not ours."""
+    check = ROWS_CHECKS.get(str(entry.get("type")))
+    if check is None or not is_local(entry):
+        return None
+    data = read_entry(entry, pa.on_bad_row)
+    checker = data.checker(pa.on_bad_row)
+    kept = [data.rows[i] for i in check(data.rows, checker, pa)]
+    checker.report()
+    skipped = data.n_skipped + checker.n_skipped
+    if not kept:
+        raise ValueError(f"{data.source}: no usable rows ({skipped} skipped)")
+    if skipped:
+        copy = _checked_copy(entry, kept)
+        LOG.warning(
+            "%s: %d row(s) kept, %d skipped (on_bad_row: skip); training reads the "
+            "checked copy %s",
+            data.source,
+            len(kept),
+            skipped,
+            copy,
+        )
+        entry["path"] = str(copy)
+        entry["ds_type"] = "json"
+        entry.pop("data_files", None)
+    return len(kept), skipped
+
+
+_deferred = False
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Load a config without the pre-check (contrast-preview shows bad rows)."""
+    global _deferred
+    before, _deferred = _deferred, True
+    try:
+        yield
+    finally:
+        _deferred = before
+
+
+def precheck_datasets(cfg: MutableMapping[str, Any], pa: PrefAlignConfig) -> None:
+    """Pre-check every local `datasets:`/`test_datasets:` entry of our types."""
+    if _deferred:
+        return
+    for key in SPLIT_KEYS:
+        for entry in cfg.get(key) or []:
+            if isinstance(entry, MutableMapping):
+                precheck_entry(entry, pa)

@@ -1,0 +1,294 @@
+"""Reading local data files, with errors that name the file, line and field.
+
+One reader for every input path of the plugin (SPA prompts, RobustFT input, the
+export, contrast preview, the pre-check of `datasets:` entries): a `.jsonl`/`.json`
+file (optionally `.gz`), a `.parquet`/`.csv`/`.arrow` file, a folder of such files,
+or a `datasets.save_to_disk` folder; named by a path or by a `datasets:` entry
+(`path`, `data_files`, `split`, `ds_type`) as Axolotl spells it.
+
+JSON is parsed here, line by line, rather than by `datasets`: its JSON builder
+reports a malformed line or a column of mixed types as a traceback that names
+neither the line nor the field, and it casts a whole column by its first rows, so a
+bad value is blamed on the wrong row. Lines are 1-based, as editors show them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .rows import RowChecker
+
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+class DataFileError(ValueError):
+    """A local data file that cannot be read at all (missing, empty, not a list)."""
+
+    def __reduce__(self):
+        return (type(self), self.args)
+
+
+@dataclass
+class LocalRows:
+    """Rows read from local files, each with the file and 1-based line it came from.
+
+    `lines[i]` is None for rows that have no line (parquet, a JSON list, a saved
+    dataset). `positions[i]` is the row's 0-based place among all records of the
+    source, unreadable ones included, so it does not shift when lines are skipped.
+    """
+
+    source: str
+    rows: list[Any] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    lines: list[int | None] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    n_seen: int = 0  # records read, unreadable ones included
+    n_skipped: int = 0  # unreadable rows dropped under on_bad_row: skip
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def checker(self, policy: str) -> RowChecker:
+        """A RowChecker whose errors name each row's line."""
+        return RowChecker(self.source, policy, lines=self.lines)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (*JSON_SUFFIXES, *TABLE_FORMATS):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _entry_get(entry: Any, key: str) -> Any:
+    if isinstance(entry, Mapping):
+        return entry.get(key)
+    return getattr(entry, key, None)
+
+
+def _finite(value: Any) -> bool:
+    """False for NaN/inf anywhere inside a parsed JSON value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, Mapping):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def _read_json_lines(path: Path, out: LocalRows, checker: RowChecker) -> None:
+    """Append the objects of a JSON-lines file; blank lines are allowed."""
+    with _open_text(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                out.n_seen += 1
+                checker.bad(len(out.rows), None, f"malformed JSON ({err.msg})", n)
+                continue
+            _append(out, checker, row, str(path), n)
+
+
+def _append(
+    out: LocalRows, checker: RowChecker, row: Any, file: str, line: int | None
+) -> None:
+    position = out.n_seen
+    out.n_seen += 1
+    if not isinstance(row, dict):
+        kind = "a list" if isinstance(row, list) else type(row).__name__
+        checker.bad(len(out.rows), None, f"must be a JSON object, got {kind}", line)
+        return
+    if not _finite(row):
+        checker.bad(len(out.rows), None, "holds NaN or Infinity", line)
+        return
+    out.rows.append(row)
+    out.files.append(file)
+    out.lines.append(line)
+    out.positions.append(position)
+
+
+def _read_json(path: Path, out: LocalRows, checker: RowChecker) -> None:
+    """A `.json` file: a list of objects, or JSON lines under a .json name."""
+    with _open_text(path) as fh:
+        text = fh.read()
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        # datasets accepts JSON lines named .json; so do we, with line numbers.
+        _read_json_lines(path, out, checker)
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFileError(
+            f"{path}, line {err.lineno}: malformed JSON ({err.msg})"
+        ) from None
+    for row in data:
+        _append(out, checker, row, str(path), None)
+
+
+def _read_table(path: Path, kind: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    return datasets.load_dataset(kind, data_files=str(path), split=split).to_list()
+
+
+def _read_saved(path: Path, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataFileError(
+                f"{path}: saved dataset has splits {sorted(ds)}, not {split!r}"
+            )
+        ds = ds[split]
+    return ds.to_list()
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (
+        path / "dataset_dict.json"
+    ).exists()
+
+
+def data_files(path: str | Path, files: Any = None) -> list[Path]:
+    """The files a path (file or folder) or an explicit `data_files` names."""
+    base = Path(str(path)).expanduser()
+    if files:
+        names = [files] if isinstance(files, str) else list(files)
+        out = []
+        for name in names:
+            f = Path(str(name)).expanduser()
+            if not f.is_absolute() and base.is_dir():
+                f = base / f
+            out.append(f)
+        return out
+    if base.is_dir():
+        return sorted(
+            f
+            for f in base.iterdir()
+            if f.is_file() and _suffix(f) in (*JSON_SUFFIXES, *TABLE_FORMATS)
+        )
+    return [base]
+
+
+def read_local(
+    path: str | Path,
+    *,
+    files: Any = None,
+    split: str | None = None,
+    ds_type: str | None = None,
+    on_bad_row: str = "error",
+    source: str | None = None,
+    checker: RowChecker | None = None,
+) -> LocalRows:
+    """Every row of a local file or folder; unreadable lines raise or are counted.
+
+    Under `on_bad_row: skip` malformed lines, non-object lines and NaN values are
+    dropped and counted (and reported); a missing or empty source always raises.
+    A caller that validates the rows further passes its own `checker`, so that one
+    report counts every skipped row; it then reports itself.
+    """
+    base = Path(str(path)).expanduser()
+    split = split or "train"
+    out = LocalRows(source or str(path))
+    shared = checker is not None
+    if checker is None:
+        checker = RowChecker(out.source, on_bad_row)
+    if not base.exists():
+        raise DataFileError(f"{path} does not exist")
+    if base.is_dir() and not files and _is_saved_dataset(base):
+        for row in _read_saved(base, split):
+            _append(out, checker, row, str(base), None)
+        return _finish(out, checker, shared)
+    paths = data_files(base, files)
+    if not paths:
+        raise DataFileError(
+            f"{path}: the folder holds no .jsonl/.json/.parquet/.csv/.arrow file"
+        )
+    for f in paths:
+        if not f.is_file():
+            raise DataFileError(f"{f} does not exist")
+        suffix = _suffix(f)
+        kind = "json" if suffix in JSON_SUFFIXES else TABLE_FORMATS.get(suffix)
+        if ds_type and ds_type != kind and ds_type in ("json", *TABLE_FORMATS.values()):
+            kind = ds_type
+        before = len(out.rows) + checker.n_skipped
+        if kind == "json":
+            if suffix.startswith(".jsonl"):
+                _read_json_lines(f, out, checker)
+            else:
+                _read_json(f, out, checker)
+        elif kind is not None:
+            for row in _read_table(f, kind, split):
+                _append(out, checker, row, str(f), None)
+        else:
+            raise DataFileError(
+                f"{f}: use a .jsonl, .json, .parquet, .csv or .arrow file "
+                "(or a datasets.save_to_disk folder)"
+            )
+        if len(out.rows) + checker.n_skipped == before:
+            raise DataFileError(f"{f}: the file is empty (no rows)")
+    return _finish(out, checker, shared)
+
+
+def _finish(out: LocalRows, checker: RowChecker, shared: bool) -> LocalRows:
+    if not shared:
+        checker.report()
+    out.n_skipped = checker.n_skipped
+    if not out.rows:
+        raise DataFileError(
+            f"{out.source}: no usable rows"
+            + (f" ({checker.n_skipped} skipped)" if checker.n_skipped else "")
+        )
+    return out
+
+
+def read_entry(entry: Any, on_bad_row: str = "error") -> LocalRows:
+    """The rows of a `datasets:` entry that names local data (path, data_files,
+    split, ds_type as Axolotl spells them)."""
+    path = _entry_get(entry, "path")
+    if not path:
+        raise DataFileError("a datasets: entry needs `path`")
+    files = _entry_get(entry, "data_files")
+    source = f"{path} ({files})" if files else str(path)
+    return read_local(
+        path,
+        files=files,
+        split=_entry_get(entry, "split"),
+        ds_type=_entry_get(entry, "ds_type"),
+        on_bad_row=on_bad_row,
+        source=source,
+    )
+
+
+def is_local(entry: Any) -> bool:
+    """True when a `datasets:` entry names an existing local file or folder."""
+    path = _entry_get(entry, "path")
+    return bool(path) and Path(str(path)).expanduser().exists()
+
+
+def write_jsonl(rows: list[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write rows as JSON lines atomically (temp file + rename)."""
+    from .shards import atomic_write_text
+
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(Path(path), text)
+    return Path(path)
