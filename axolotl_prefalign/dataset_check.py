@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .args import PrefAlignConfig
-from .local_data import is_local, read_entry, write_jsonl
+from .local_data import DataFileError, is_local, looks_local, read_entry, write_jsonl
 from .rows import RowChecker
 
 LOG = logging.getLogger("axolotl_prefalign")
@@ -90,8 +90,12 @@ def precheck_entry(
 ) -> tuple[int, int] | None:
     """Check one entry of our types: (rows kept, rows skipped), None if not ours."""
     check = ROWS_CHECKS.get(str(entry.get("type")))
-    if check is None or not is_local(entry):
+    if check is None:
         return None
+    if not is_local(entry):
+        if looks_local(entry):
+            raise DataFileError(f"{entry.get('path')} does not exist")
+        return None  # a hub dataset: Axolotl loads it, our transform checks rows
     data = read_entry(entry, pa.on_bad_row)
     checker = data.checker(pa.on_bad_row)
     kept = [data.rows[i] for i in check(data.rows, checker, pa)]

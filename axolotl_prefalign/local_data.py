@@ -285,6 +285,17 @@ def is_local(entry: Any) -> bool:
     return bool(path) and Path(str(path)).expanduser().exists()
 
 
+def looks_local(entry: Any) -> bool:
+    """True when a `datasets:` entry names a file (by suffix or `ds_type`), so a
+    missing path is a typo, not a hub dataset."""
+    path = str(_entry_get(entry, "path") or "")
+    kind = _entry_get(entry, "ds_type")
+    local_kinds = ("json", *TABLE_FORMATS.values())
+    return _suffix(Path(path)) in (*JSON_SUFFIXES, *TABLE_FORMATS) or (
+        kind in local_kinds
+    )
+
+
 def write_jsonl(rows: list[Mapping[str, Any]], path: str | Path) -> Path:
     """Write rows as JSON lines atomically (temp file + rename)."""
     from .shards import atomic_write_text

@@ -12,6 +12,7 @@ import yaml
 from axolotl_prefalign.rows import BadRowError, RowChecker
 from axolotl_prefalign.spa.pairs import (
     OUTPUT_COLUMNS,
+    _axolotl_passes_indices,
     completion_text,
     normalize_pair,
     prompt_text,
@@ -104,7 +105,8 @@ def _cfg(policy="error", path="seed.jsonl"):
 
 def test_transform_renders_and_drops_bad_rows_under_skip(tiny_tokenizer):
     fn, kwargs = spa_pairs(_cfg("skip"))
-    assert kwargs["batched"] and kwargs["with_indices"]
+    # Axolotl >= 0.20 wraps the transform in a one-argument function.
+    assert kwargs["batched"] and kwargs["with_indices"] is _axolotl_passes_indices()
     assert kwargs["remove_columns"] == "__all__"
     batch = {
         "prompt": ["Q1", "Q2", "Q3"],
@@ -120,6 +122,20 @@ def test_transform_renders_and_drops_bad_rows_under_skip(tiny_tokenizer):
     strict, _ = spa_pairs(_cfg("error"))
     with pytest.raises(BadRowError, match="seed.jsonl, row 2, field 'chosen': empty"):
         strict(batch, [0, 1, 2], tokenizer=tiny_tokenizer)
+
+
+def test_transform_without_indices_quotes_the_rows_prompt(tiny_tokenizer):
+    """Axolotl >= 0.20 gives the map no indices: the error quotes the prompt."""
+    batch = {"prompt": ["Q1", "Q2"], "chosen": ["a", "b"], "rejected": ["b", "b"]}
+    strict, _ = spa_pairs(_cfg("error"))
+    with pytest.raises(
+        BadRowError,
+        match=r"seed.jsonl \(the row with prompt 'Q2'\), field 'rejected': chosen "
+        "and rejected are identical",
+    ):
+        strict(batch, tokenizer=tiny_tokenizer)
+    lenient, _ = spa_pairs(_cfg("skip"))
+    assert lenient(batch, tokenizer=tiny_tokenizer)["chosen"] == ["a<|im_end|>"]
 
 
 def _write_jsonl(path, rows):

@@ -198,7 +198,16 @@ class PrefAlignDPOTrainer(AxolotlDPOTrainer):
             bias=bias,
             chunk_size=self.prefalign.chunk_size,
         )
-        return layout.per_sequence(lp)
+        seq = layout.per_sequence(lp)
+        if not torch.isfinite(seq.detach()).all():
+            # A NaN/inf log-prob would turn every later step into NaN silently.
+            bad = (~torch.isfinite(seq.detach())).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"prefalign: non-finite sequence log-probs at step "
+                f"{self.state.global_step} (batch rows {bad}, chosen first then "
+                "rejected): check the learning rate, fp16 overflow, or the rows"
+            )
+        return seq
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one batch (TRL calls this to fill its cache)."""
