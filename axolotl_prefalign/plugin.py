@@ -107,6 +107,8 @@ CONFLICTING_DPO_KEYS = {
     "dpo_use_weighting": "nothing: WPO weighting is not implemented by prefalign",
     "dpo_padding_free": "prefalign.packing: true",
     "dpo_norm_loss": "prefalign.loss: ipo (length-normalised)",
+    # Axolotl >= 0.21: LD-DPO's length desensitisation lives in TRL's own loss.
+    "dpo_ld_alpha": "nothing: LD-DPO is not implemented by prefalign",
     "rpo_alpha": "nothing: the RPO NLL term is not implemented by prefalign",
     "pad_to_multiple_of": "nothing (leave it unset): it switches Axolotl to a "
     "collator whose batches the prefalign trainer does not read",

@@ -135,6 +135,7 @@ def test_loss_installs_our_trainer(tiny_model_dir):
     [
         ("dpo_label_smoothing", 0.1, "prefalign.loss: cdpo"),
         ("dpo_use_liger_kernel", True, "prefalign's own fused log-prob path"),
+        ("dpo_ld_alpha", 0.5, "LD-DPO is not implemented by prefalign"),
         ("dpo_padding_free", True, "prefalign.packing: true"),
         ("dpo_loss_type", ["hinge"], "prefalign.loss"),
         ("pad_to_multiple_of", 8, "nothing (leave it unset)"),
