@@ -141,10 +141,10 @@ def offline_subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_axolotl_train(cfg: dict, workdir: Path, timeout: int = 600):
-    """Write `cfg` as YAML and run `axolotl train` in a subprocess on the CPU.
+def run_axolotl(command: str, cfg: dict, workdir: Path, timeout: int = 600):
+    """Write `cfg` as YAML and run `axolotl COMMAND` in a subprocess on the CPU.
 
-    Returns the CompletedProcess; its output is printed on failure.
+    Returns the CompletedProcess; a run past `timeout` fails the test (never a hang).
     """
     import subprocess
     import sys
@@ -158,14 +158,19 @@ def run_axolotl_train(cfg: dict, workdir: Path, timeout: int = 600):
     # `axolotl train` launches accelerate from PATH: use the venv's bin.
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run(
-        [str(Path(bin_dir) / "axolotl"), "train", str(path)],
+    return subprocess.run(
+        [str(Path(bin_dir) / "axolotl"), command, str(path)],
         cwd=workdir,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_axolotl_train(cfg: dict, workdir: Path, timeout: int = 600):
+    """`axolotl train` on `cfg` (see run_axolotl); output is printed on failure."""
+    proc = run_axolotl("train", cfg, workdir, timeout)
     if proc.returncode != 0:
         print(proc.stdout[-6000:])
         print(proc.stderr[-6000:])

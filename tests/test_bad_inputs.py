@@ -11,7 +11,6 @@ failures and `axolotl preprocess` run in subprocesses with a time bound.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import offline_subprocess_env, tiny_train_cfg
+from conftest import offline_subprocess_env, run_axolotl, tiny_train_cfg
 
 from axolotl_prefalign.args import PrefAlignConfig, SpaConfig, SpaPromptSource
 from axolotl_prefalign.contrast import RowProblem
@@ -414,23 +413,8 @@ def _row(question):
 # -- the Axolotl commands, as a user runs them -------------------------------
 
 
-def _preprocess(cfg: dict, workdir: Path, timeout: int = 120):
-    import yaml
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.yml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = offline_subprocess_env()
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    return subprocess.run(
-        [str(Path(bin_dir) / "axolotl"), "preprocess", str(path)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _preprocess(cfg: dict, workdir: Path):
+    return run_axolotl("preprocess", cfg, workdir, timeout=120)
 
 
 @pytest.mark.slow
