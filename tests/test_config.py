@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from axolotl_prefalign.args import PrefAlignConfig, PrefAlignConfigError
+from axolotl_prefalign.dataset_check import deferred
+from axolotl_prefalign.local_data import DataFileError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "yaml_examples").rglob("*.yml"))
@@ -135,7 +137,7 @@ def test_loss_installs_our_trainer(tiny_model_dir):
     [
         ("dpo_label_smoothing", 0.1, "prefalign.loss: cdpo"),
         ("dpo_use_liger_kernel", True, "prefalign's own fused log-prob path"),
-        ("dpo_ld_alpha", 0.5, "LD-DPO is not implemented by prefalign"),
+        ("dpo_ld_alpha", 0.5, "nothing: LD-DPO is not implemented by prefalign"),
         ("dpo_padding_free", True, "prefalign.packing: true"),
         ("dpo_loss_type", ["hinge"], "prefalign.loss"),
         ("pad_to_multiple_of", 8, "nothing (leave it unset)"),
@@ -199,7 +201,23 @@ def test_every_yaml_example_validates_through_axolotl(path, monkeypatch):
     if raw.get("base_model") != "prefalign:default":
         # GPU examples name hub models; validation must not reach the network.
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = axolotl_validate(raw)
+    user_data = [
+        d["path"]
+        for d in raw.get("datasets") or []
+        if str(d.get("type", "")).startswith("axolotl_prefalign.")
+        and not Path(d["path"]).exists()
+    ]
+    if user_data:
+        # The example names the user's own data: the pre-check says which file is
+        # missing; the config itself is validated without it.
+        with pytest.raises(
+            DataFileError, match=re.escape(f"{user_data[0]} does not exist")
+        ):
+            axolotl_validate(copy.deepcopy(raw))
+        with deferred():
+            cfg = axolotl_validate(raw)
+    else:
+        cfg = axolotl_validate(raw)
     PrefAlignConfig.from_raw(cfg.get("prefalign"))
 
 
