@@ -123,15 +123,12 @@ CLASSES = {
 }
 
 
-def _write(path: Path, broken: str) -> Path:
+def _write(path: Path, kind: str, broken: str) -> Path:
     # The broken row is on line 4 (after a good row and a blank line), so a
     # message that counted rows instead of lines, or 0-based, would say 2 or 1.
-    good = _line(PATHS_KIND[path.stem])
+    good = _line(kind)
     path.write_text(f"{good}\n\n{good}\n{broken}\n{good}\n")
     return path
-
-
-PATHS_KIND: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("case", list(CLASSES))
@@ -142,8 +139,7 @@ def test_each_path_names_file_line_and_field_or_counts_the_skip(
     run, kind, fld = PATHS[path_name]
     make, message = CLASSES[case]
     stem = f"in-{kind}"
-    PATHS_KIND[stem] = kind
-    path = _write(tmp_path / f"{stem}.jsonl", make(kind, fld))
+    path = _write(tmp_path / f"{stem}.jsonl", kind, make(kind, fld))
     expected = rf"{stem}\.jsonl, line 4\b.*" + message.format(f=fld)
     with pytest.raises(ValueError, match=expected):
         run(path, "error")
@@ -171,8 +167,7 @@ PAIR_ONLY = {
 def test_identical_answers_are_bad_rows(tmp_path, path_name, case):
     run = PATHS[path_name][0]
     change, message = PAIR_ONLY[case]
-    PATHS_KIND["in-pairs"] = "pairs"
-    path = _write(tmp_path / "in-pairs.jsonl", _line("pairs", **change))
+    path = _write(tmp_path / "in-pairs.jsonl", "pairs", _line("pairs", **change))
     with pytest.raises(BadRowError, match=rf"in-pairs\.jsonl, line 4, {message}"):
         run(path, "error")
     assert run(path, "skip") == 3
@@ -189,8 +184,9 @@ def test_identical_answers_are_bad_rows(tmp_path, path_name, case):
 )
 def test_spa_pairs_judge_prob_out_of_range(tmp_path, value, message):
     run = PATHS["spa_pairs rows"][0]
-    PATHS_KIND["in-pairs"] = "pairs"
-    path = _write(tmp_path / "in-pairs.jsonl", _line("pairs", judge_prob=value))
+    path = _write(
+        tmp_path / "in-pairs.jsonl", "pairs", _line("pairs", judge_prob=value)
+    )
     with pytest.raises(
         BadRowError, match=rf"in-pairs\.jsonl, line 4, field '{message}"
     ):
@@ -211,8 +207,7 @@ def test_spa_pairs_judge_prob_out_of_range(tmp_path, value, message):
 def test_robustft_rows(tmp_path, change, message):
     for name in ("robustft rows (dataset type)", "robustft input (denoise)"):
         run = PATHS[name][0]
-        PATHS_KIND["in-mc"] = "mc"
-        path = _write(tmp_path / "in-mc.jsonl", _line("mc", **change))
+        path = _write(tmp_path / "in-mc.jsonl", "mc", _line("mc", **change))
         with pytest.raises(BadRowError, match=rf"in-mc\.jsonl, line 4, {message}"):
             run(path, "error")
         assert run(path, "skip") == 3
