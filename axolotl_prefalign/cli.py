@@ -40,13 +40,13 @@ def load_config(config: str | Path):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input or a failed stage: shown without traceback."""
-    from .args import PrefAlignConfigError
-    from .export import ExportError
-    from .models import DefaultModelError
+    from .core.config import PrefAlignConfigError
+    from .core.models import DefaultModelError
+    from .core.rows import BadRowError
+    from .integrations.llamafactory.export import ExportError
     from .robustft.answers import LabelError
     from .robustft.pipeline import RobustFTError
     from .robustft.relabel import EncoderError
-    from .rows import BadRowError
     from .spa.loop import SpaLoopError
 
     return (
@@ -87,7 +87,7 @@ def prefalign() -> None:
 @click.option("--force", is_flag=True, help="Convert again even if cached.")
 def prepare_model(force: bool) -> None:
     """Turn the embedded SmolLM2-135M-Instruct (GGUF) into a local HF folder."""
-    from .models import DefaultModelError, prepare_default_model
+    from .core.models import DefaultModelError, prepare_default_model
 
     try:
         path = prepare_default_model(force=force)
@@ -101,8 +101,8 @@ def prepare_model(force: bool) -> None:
 @click.option("-n", "num_rows", default=3, show_default=True, help="Rows to show.")
 def contrast_preview(config: Path, num_rows: int) -> None:
     """Print rendered contrast rows with the loss-carrying span marked."""
-    from .contrast import preview_config
-    from .dataset_check import deferred
+    from .integrations.axolotl.contrast import preview_config
+    from .integrations.axolotl.dataset_check import deferred
 
     # The preview shows bad rows as such, so the load does not stop at the first.
     with deferred():
@@ -117,7 +117,7 @@ def contrast_preview(config: Path, num_rows: int) -> None:
 @click.option("--out", "out_dir", default=None, help="Output folder for the pairs.")
 def spa_expand(config: Path, iteration: int, model_path, out_dir) -> None:
     """Sample responses for new prompts and label them with the implicit reward."""
-    from .spa.loop import expand_from_config
+    from .integrations.axolotl.spa_loop import expand_from_config
 
     expand_from_config(load_config(config), iteration, model_path, out_dir)
 
@@ -126,7 +126,7 @@ def spa_expand(config: Path, iteration: int, model_path, out_dir) -> None:
 @config_arg
 def spa(config: Path) -> None:
     """Run the SPA loop: seed DPO, then expand → train for each iteration."""
-    from .spa.loop import run_from_config
+    from .integrations.axolotl.spa_loop import run_from_config
 
     run_from_config(load_config(config), config_path=config)
 
@@ -153,7 +153,7 @@ def denoise(config: Path) -> None:
 def export(target: str, config: Path, out_dir: Path) -> None:
     """Write the YAML's prepared data (contrast, SPA pairs, RobustFT) for another
     framework, with its dataset declarations (LLaMA-Factory: dataset_info.json)."""
-    from .export import ExportError, export_from_config
+    from .integrations.llamafactory.export import ExportError, export_from_config
 
     try:
         export_from_config(load_config(config), out_dir, target=target, echo=click.echo)

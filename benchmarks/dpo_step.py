@@ -92,8 +92,10 @@ def worker(args) -> dict:
 
         extra = {}
     else:
-        from axolotl_prefalign.args import PrefAlignConfig
-        from axolotl_prefalign.trainers.dpo import PrefAlignDPOTrainer as cls
+        from axolotl_prefalign.core.config import PrefAlignConfig
+        from axolotl_prefalign.integrations.axolotl.trainers.dpo import (
+            PrefAlignDPOTrainer as cls,
+        )
 
         extra = {"prefalign": PrefAlignConfig(loss="sigmoid", chunk_size=args.chunk)}
     out = tempfile.mkdtemp()

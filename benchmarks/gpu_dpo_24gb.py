@@ -211,7 +211,9 @@ def _trainer_classes(which: str) -> tuple[type, type, str]:
     if which == "prefalign":
         from axolotl.core.trainers.dpo.args import AxolotlDPOConfig
 
-        from axolotl_prefalign.trainers.dpo import PrefAlignDPOTrainer
+        from axolotl_prefalign.integrations.axolotl.trainers.dpo import (
+            PrefAlignDPOTrainer,
+        )
 
         return PrefAlignDPOTrainer, AxolotlDPOConfig, "axolotl_prefalign"
     try:
@@ -272,7 +274,7 @@ def worker(spec: dict) -> dict:
         steps = spec["warmup"] + spec["steps"]
         extra = {}
         if cfg["trainer"] == "prefalign":
-            from axolotl_prefalign.args import PrefAlignConfig
+            from axolotl_prefalign.core.config import PrefAlignConfig
 
             extra["prefalign"] = PrefAlignConfig(loss="sigmoid", packing=cfg["packing"])
         targs = config_cls(

@@ -75,7 +75,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from axolotl_prefalign.logprobs import plain_token_logprobs, token_logprobs
+    from axolotl_prefalign.core.logprobs import plain_token_logprobs, token_logprobs
 
     cuda = spec["device"] == "cuda"
     device = torch.device(spec["device"])

@@ -112,7 +112,7 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, prepared once (skips if not installed)."""
-    from axolotl_prefalign.models import DefaultModelError, prepare_default_model
+    from axolotl_prefalign.core.models import DefaultModelError, prepare_default_model
 
     try:
         return prepare_default_model()

@@ -38,9 +38,9 @@ def main(model_dir: str, out_dir: str, batch: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_prefalign.args import PrefAlignConfig
-    from axolotl_prefalign.shards import main_process_only, process_rank
-    from axolotl_prefalign.trainers.dpo import PrefAlignDPOTrainer
+    from axolotl_prefalign.core.config import PrefAlignConfig
+    from axolotl_prefalign.core.shards import main_process_only, process_rank
+    from axolotl_prefalign.integrations.axolotl.trainers.dpo import PrefAlignDPOTrainer
 
     class Recording(PrefAlignDPOTrainer):
         """Records each training micro-batch's margins and the τ used for them."""
@@ -52,18 +52,26 @@ def main(model_dir: str, out_dir: str, batch: int) -> None:
             # the one-process run with batch W·B sees the union of every step.
             return SequentialSampler(self.train_dataset)
 
-        def _spa_confidence(self, mode, m_g):
-            out = super()._spa_confidence(mode, m_g)
-            if mode == "train":
-                self.records.append(
-                    {
-                        "step": self.state.global_step,
-                        "margins": (self.beta * m_g.detach().float()).tolist(),
-                        "tau": self._metrics[mode]["spa/threshold"][-1],
-                        "confident": out["confident"].tolist(),
-                    }
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            inner = self.pref_step.spa_confidence
+
+            def recording(m_g, *, beta, training, progress):
+                confident, alpha = inner(
+                    m_g, beta=beta, training=training, progress=progress
                 )
-            return out
+                if training:
+                    self.records.append(
+                        {
+                            "step": self.state.global_step,
+                            "margins": (beta * m_g.detach().float()).tolist(),
+                            "tau": self.pref_step.spa_metrics["spa/threshold"],
+                            "confident": confident.tolist(),
+                        }
+                    )
+                return confident, alpha
+
+            self.pref_step.spa_confidence = recording
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import offline_subprocess_env, run_axolotl, tiny_train_cfg
 
-from axolotl_prefalign.args import PrefAlignConfig, SpaConfig, SpaPromptSource
 from axolotl_prefalign.contrast import RowProblem
-from axolotl_prefalign.dataset_check import precheck_entry
-from axolotl_prefalign.local_data import DataFileError, read_local
-from axolotl_prefalign.rows import BadRowError
+from axolotl_prefalign.core.config import PrefAlignConfig, SpaConfig, SpaPromptSource
+from axolotl_prefalign.core.local_data import DataFileError, read_local
+from axolotl_prefalign.core.rows import BadRowError
+from axolotl_prefalign.integrations.axolotl.dataset_check import precheck_entry
 
 CONTRAST = "axolotl_prefalign.contrast"
 SPA_PAIRS = "axolotl_prefalign.spa_pairs"
@@ -68,7 +68,7 @@ def _run_robustft_denoise_input(path: Path, policy: str) -> int:
 
 
 def _run_export_seed(path: Path, policy: str) -> int:
-    from axolotl_prefalign.export import export_spa
+    from axolotl_prefalign.integrations.llamafactory.export import export_spa
 
     pa = PrefAlignConfig(on_bad_row=policy)
     cfg = {"datasets": [{"path": str(path), "type": SPA_PAIRS}]}
@@ -283,7 +283,7 @@ def test_duplicate_prompts_across_spa_iterations_are_an_error(tmp_path):
 
 
 def test_template_given_as_a_preset_name_says_to_use_preset():
-    from axolotl_prefalign.args import PrefAlignConfigError
+    from axolotl_prefalign.core.config import PrefAlignConfigError
 
     with pytest.raises(PrefAlignConfigError, match=r"chosen with `preset: en`"):
         PrefAlignConfig.from_raw({"contrast": {"template": "en"}})
@@ -309,7 +309,7 @@ _WORKER_SCRIPT = textwrap.dedent(
     import sys
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from axolotl_prefalign.spa.pairs import spa_pairs
+    from axolotl_prefalign.integrations.axolotl.spa_pairs import spa_pairs
     cfg = {"datasets": [{"path": "pairs.jsonl"}], "prefalign": {}}
     fn, kw = spa_pairs(cfg)
     kw.pop("remove_columns")
@@ -348,8 +348,8 @@ def test_a_bad_row_in_a_map_worker_ends_the_command_it_does_not_hang(
 
 
 def _contrast_fmt(tokenizer, sequence_len, **contrast):
-    from axolotl_prefalign.args import ContrastConfig
     from axolotl_prefalign.contrast import ContrastFormat
+    from axolotl_prefalign.core.config import ContrastConfig
 
     return ContrastFormat(
         tokenizer,

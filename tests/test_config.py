@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from axolotl_prefalign.args import PrefAlignConfig, PrefAlignConfigError
-from axolotl_prefalign.dataset_check import deferred
-from axolotl_prefalign.local_data import DataFileError
+from axolotl_prefalign.core.config import PrefAlignConfig, PrefAlignConfigError
+from axolotl_prefalign.core.local_data import DataFileError
+from axolotl_prefalign.integrations.axolotl.dataset_check import deferred
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "yaml_examples").rglob("*.yml"))
@@ -127,7 +127,7 @@ def test_loss_installs_our_trainer(tiny_model_dir):
     assert cfg["trainer_cls"] == "axolotl_prefalign.trainers.PrefAlignDPOTrainer"
     from axolotl.utils.import_helper import get_cls_from_module_str
 
-    from axolotl_prefalign.trainers.dpo import PrefAlignDPOTrainer
+    from axolotl_prefalign.integrations.axolotl.trainers.dpo import PrefAlignDPOTrainer
 
     assert get_cls_from_module_str(cfg["trainer_cls"]) is PrefAlignDPOTrainer
 
@@ -176,7 +176,7 @@ def test_prefalign_settings_salt_the_prepared_dataset_hash(tiny_model_dir):
 def test_format_revision_salts_the_prepared_dataset_hash(tiny_model_dir):
     from axolotl.utils.data.shared import generate_dataset_hash_from_config
 
-    from axolotl_prefalign.args import DATA_FORMAT_REVISION
+    from axolotl_prefalign.integrations.axolotl.args import DATA_FORMAT_REVISION
 
     cfg = axolotl_validate(_base_cfg(tiny_model_dir))
     assert cfg["prefalign_data_revision"] == DATA_FORMAT_REVISION
@@ -186,7 +186,7 @@ def test_format_revision_salts_the_prepared_dataset_hash(tiny_model_dir):
 
 
 def test_default_model_alias_resolves_to_prepared_folder(smollm2_dir):
-    from axolotl_prefalign.plugin import PrefAlignPlugin
+    from axolotl_prefalign.integrations.axolotl.plugin import PrefAlignPlugin
 
     raw = {"base_model": "prefalign:default", "plugins": [PLUGIN]}
     PrefAlignPlugin().register(raw)

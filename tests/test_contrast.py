@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import REPO
 
-from axolotl_prefalign.args import ContrastConfig, PrefAlignConfig
 from axolotl_prefalign.contrast import (
     ContrastFormat,
     build_inference_prompt,
-    collator_for,
     is_positive_only,
     load,
     render_marked,
 )
-from axolotl_prefalign.rows import BadRowError
+from axolotl_prefalign.core.config import ContrastConfig, PrefAlignConfig
+from axolotl_prefalign.core.rows import BadRowError
+from axolotl_prefalign.integrations.axolotl.contrast import collator_for
 
 IGNORE = -100
 EXAMPLE = REPO / "axolotl_prefalign" / "data" / "contrast_example.jsonl"
@@ -567,7 +567,7 @@ def test_custom_template_and_empty_instruction(tiny_tokenizer):
 
 
 def test_template_validation_names_the_bad_part():
-    from axolotl_prefalign.args import PrefAlignConfigError
+    from axolotl_prefalign.core.config import PrefAlignConfigError
 
     with pytest.raises(PrefAlignConfigError, match="template.question must contain"):
         PrefAlignConfig.from_raw({"contrast": {"template": {"question": "Q:"}}})
@@ -612,7 +612,9 @@ def test_axolotl_resolves_the_type_to_a_dataset_wrapping_strategy(tiny_tokenizer
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_collator_pads_negative_labels_like_labels(tiny_tokenizer, side):
-    from axolotl_prefalign.trainers.contrast_sft import ContrastDataCollator
+    from axolotl_prefalign.integrations.axolotl.trainers.contrast_sft import (
+        ContrastDataCollator,
+    )
 
     fmt = fmt_for(tiny_tokenizer, unlikelihood_weight=1.0)
     rows = [
@@ -638,7 +640,9 @@ def test_collator_pads_negative_labels_like_labels(tiny_tokenizer, side):
 
 
 def test_packing_collator_concatenates_negative_labels(tiny_tokenizer):
-    from axolotl_prefalign.trainers.contrast_sft import ContrastV2BatchSamplerCollator
+    from axolotl_prefalign.integrations.axolotl.trainers.contrast_sft import (
+        ContrastV2BatchSamplerCollator,
+    )
 
     fmt = fmt_for(tiny_tokenizer, unlikelihood_weight=1.0)
     rows = [fmt.tokenize_row(GOOD, 0), fmt.tokenize_row(GOOD, 1)]
@@ -654,7 +658,7 @@ def test_packing_collator_concatenates_negative_labels(tiny_tokenizer):
 
 
 def test_collator_for_follows_sample_packing():
-    from axolotl_prefalign.trainers.contrast_sft import (
+    from axolotl_prefalign.integrations.axolotl.trainers.contrast_sft import (
         ContrastDataCollator,
         ContrastV2BatchSamplerCollator,
     )
@@ -670,7 +674,9 @@ def test_collator_for_follows_sample_packing():
 
 
 def test_unlikelihood_loss_matches_its_formula():
-    from axolotl_prefalign.trainers.contrast_sft import unlikelihood_loss
+    from axolotl_prefalign.integrations.axolotl.trainers.contrast_sft import (
+        unlikelihood_loss,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11, dtype=torch.float64) * 3
@@ -695,7 +701,9 @@ def test_unlikelihood_loss_matches_its_formula():
 def _trainer(model, tokenizer, weight, tmp_path):
     from axolotl.core.training_args import AxolotlTrainingArguments
 
-    from axolotl_prefalign.trainers.contrast_sft import ContrastSFTTrainer
+    from axolotl_prefalign.integrations.axolotl.trainers.contrast_sft import (
+        ContrastSFTTrainer,
+    )
 
     args = AxolotlTrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[]
@@ -708,7 +716,9 @@ def _trainer(model, tokenizer, weight, tmp_path):
 def test_trainer_loss_is_ce_plus_weighted_unlikelihood(
     tiny_model, tiny_tokenizer, tmp_path
 ):
-    from axolotl_prefalign.trainers.contrast_sft import ContrastDataCollator
+    from axolotl_prefalign.integrations.axolotl.trainers.contrast_sft import (
+        ContrastDataCollator,
+    )
 
     fmt = fmt_for(tiny_tokenizer, unlikelihood_weight=1.0)
     rows = [
@@ -752,7 +762,7 @@ def test_trainer_loss_is_ce_plus_weighted_unlikelihood(
 def test_trainer_scales_the_term_when_ce_is_normalised_over_accumulation(
     tiny_model, tiny_tokenizer, tmp_path
 ):
-    from axolotl_prefalign.trainers.contrast_sft import (
+    from axolotl_prefalign.integrations.axolotl.trainers.contrast_sft import (
         ContrastDataCollator,
         unlikelihood_loss,
     )
@@ -803,8 +813,8 @@ def test_preview_marks_the_loss_span(
     import yaml
 
     from axolotl_prefalign.cli import load_config
-    from axolotl_prefalign.contrast import preview_config
-    from axolotl_prefalign.dataset_check import deferred
+    from axolotl_prefalign.integrations.axolotl.contrast import preview_config
+    from axolotl_prefalign.integrations.axolotl.dataset_check import deferred
 
     data = tmp_path / "pairs.jsonl"
     rows = [GOOD, {**GOOD, "rejected": "Paris"}, {**GOOD, "chosen": "Lyon? No: Paris"}]

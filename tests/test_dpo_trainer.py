@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from datasets import Dataset
 from trl.trainer.utils import use_adapter
 
-from axolotl_prefalign.args import PrefAlignConfig
-from axolotl_prefalign.losses import preference_loss
+from axolotl_prefalign.core.config import PrefAlignConfig
+from axolotl_prefalign.core.losses import preference_loss
 
 PAIRS = [
     {
@@ -88,7 +88,7 @@ def plain_sequence_logps(model, batch):
 
 @pytest.fixture()
 def ours(tiny_model_dir, tiny_tokenizer, tmp_path):
-    from axolotl_prefalign.trainers.dpo import PrefAlignDPOTrainer
+    from axolotl_prefalign.integrations.axolotl.trainers.dpo import PrefAlignDPOTrainer
 
     def make(loss="sigmoid", rows=PAIRS, args_kw=None, **pa):
         model = _peft_model(tiny_model_dir)
@@ -254,7 +254,7 @@ def test_spa_dnd_margin_and_refined_loss_match_full_logit_computation(ours):
     trainer = ours(
         "spa", spa={"iteration": 1, "alpha_warmup_ratio": 0.0, "noise_quantile": 0.5}
     )
-    assert trainer.dnd_lambda == 0.5
+    assert trainer.pref_step.dnd_lambda == 0.5
     batch = _batch(trainer)
     got = trainer.compute_loss(trainer.model, batch)
     m_g, _, _ = _dnd_margin_plain(trainer.model, batch, 0.5)
@@ -303,9 +303,9 @@ def test_spa_alpha_is_zero_during_warmup(ours):
 
 
 def test_spa_lambda_follows_the_iteration_schedule(ours):
-    assert ours("spa", spa={"iteration": 2}).dnd_lambda == 0.25
-    assert ours("spa", spa={"iteration": 5}).dnd_lambda == 0.125
-    assert ours("spa", spa={"iteration": 1, "dnd": False}).dnd_lambda == 0.0
+    assert ours("spa", spa={"iteration": 2}).pref_step.dnd_lambda == 0.25
+    assert ours("spa", spa={"iteration": 5}).pref_step.dnd_lambda == 0.125
+    assert ours("spa", spa={"iteration": 1, "dnd": False}).pref_step.dnd_lambda == 0.0
 
 
 def test_reference_cache_matches_live_reference(ours):
@@ -333,7 +333,7 @@ def test_reference_cache_matches_live_reference(ours):
 
 
 def test_packed_layout_bookkeeping_is_exact():
-    from axolotl_prefalign.trainers.dpo import BatchLayout
+    from axolotl_prefalign.core.preference import BatchLayout
 
     # Two chosen and two rejected sequences, right-padded with 0, as TRL collates.
     ids = torch.tensor(

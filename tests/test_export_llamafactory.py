@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from axolotl_prefalign.args import ContrastConfig
 from axolotl_prefalign.contrast import (
     IGNORE_INDEX,
     ContrastFormat,
@@ -20,7 +19,9 @@ from axolotl_prefalign.contrast import (
     is_positive_only,
     parse_row,
 )
-from axolotl_prefalign.export import (
+from axolotl_prefalign.core.config import ContrastConfig
+from axolotl_prefalign.core.rows import BadRowError, RowChecker
+from axolotl_prefalign.integrations.llamafactory.export import (
     CONTRAST_NAME,
     ROBUSTFT_NAME,
     SPA_SEED_NAME,
@@ -31,7 +32,6 @@ from axolotl_prefalign.export import (
     spa_iter_name,
     spa_rows,
 )
-from axolotl_prefalign.rows import BadRowError, RowChecker
 
 REPO = Path(__file__).resolve().parent.parent
 LF_SAMPLES = REPO / "yaml_examples" / "llamafactory"
@@ -303,7 +303,7 @@ JUDGED = [
 
 def spa_config(tmp_path: Path, model_dir: Path, expansion: bool = True) -> Path:
     """An SPA loop YAML with its seed, and (optionally) a finished iteration 1."""
-    from axolotl_prefalign.shards import ShardWriter, atomic_write_json
+    from axolotl_prefalign.core.shards import ShardWriter, atomic_write_json
     from axolotl_prefalign.spa.loop import iter_dir
 
     seed = _write_jsonl(tmp_path / "seed.jsonl", PAIRS[:4])

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from axolotl_prefalign.generation import _length, eos_token_ids, generate, render_prompt
+from axolotl_prefalign.core.generation import (
+    _length,
+    eos_token_ids,
+    generate,
+    render_prompt,
+)
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axolotl_prefalign.heads import causal_lm, plain_lm_head
+from axolotl_prefalign.core.heads import causal_lm, plain_lm_head
 
 
 def test_plain_head_of_a_peft_model_is_the_base_models_linear(tiny_model):

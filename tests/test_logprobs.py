@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from axolotl_prefalign.logprobs import (
+from axolotl_prefalign.core.logprobs import (
     count_tokens,
     mixed_token_logprobs,
     plain_token_logprobs,

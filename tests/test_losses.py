@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from axolotl_prefalign.losses import (
+from axolotl_prefalign.core.losses import (
     LOSS_TYPES,
     MarginWindow,
     implicit_rewards,

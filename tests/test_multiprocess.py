@@ -13,8 +13,12 @@ import pytest
 import torch
 from conftest import offline_subprocess_env
 
-from axolotl_prefalign import shards
-from axolotl_prefalign.shards import is_main_process, main_process_only, process_rank
+from axolotl_prefalign.core import shards
+from axolotl_prefalign.core.shards import (
+    is_main_process,
+    main_process_only,
+    process_rank,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "mp_spa_dpo.py"
@@ -81,7 +85,10 @@ def test_denoise_on_another_rank_writes_nothing(rank1, tmp_path):
 
 
 def test_spa_expand_and_loop_on_another_rank_do_nothing(rank1, tmp_path):
-    from axolotl_prefalign.spa.loop import expand_from_config, run_from_config
+    from axolotl_prefalign.integrations.axolotl.spa_loop import (
+        expand_from_config,
+        run_from_config,
+    )
 
     cfg = {"output_dir": str(tmp_path / "out"), "prefalign": {"loss": "spa"}}
     assert expand_from_config(cfg, 1) == {}
@@ -91,7 +98,7 @@ def test_spa_expand_and_loop_on_another_rank_do_nothing(rank1, tmp_path):
 
 
 def test_export_on_another_rank_writes_nothing(rank1, tmp_path):
-    from axolotl_prefalign.export import export_from_config
+    from axolotl_prefalign.integrations.llamafactory.export import export_from_config
 
     cfg = {"datasets": [{"path": "x.jsonl", "type": "axolotl_prefalign.spa_pairs"}]}
     assert export_from_config(cfg, tmp_path / "lf") == []

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from test_robustft_pipeline import REPLIES, FakeModel, bow_encoder, noisy_dataset
 
+from axolotl_prefalign.core.shards import MANIFEST
 from axolotl_prefalign.robustft import pipeline as P
 from axolotl_prefalign.robustft.sft import tokenize_example, user_turn
-from axolotl_prefalign.shards import MANIFEST
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "axolotl_prefalign" / "data" / "robustft_example.jsonl"

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from axolotl_prefalign.args import RobustFTConfig
-from axolotl_prefalign.generation import Generation
+from axolotl_prefalign.core.config import RobustFTConfig
+from axolotl_prefalign.core.generation import Generation
+from axolotl_prefalign.core.rows import BadRowError, RowChecker
+from axolotl_prefalign.core.shards import MANIFEST
 from axolotl_prefalign.robustft import pipeline as P
 from axolotl_prefalign.robustft.detect import consensus, detect_noise, is_clean
 from axolotl_prefalign.robustft.relabel import (
@@ -26,8 +28,6 @@ from axolotl_prefalign.robustft.relabel import (
     review_rule,
 )
 from axolotl_prefalign.robustft.select import select_by_entropy
-from axolotl_prefalign.rows import BadRowError, RowChecker
-from axolotl_prefalign.shards import MANIFEST
 
 # --------------------------------------------------------------- test doubles
 

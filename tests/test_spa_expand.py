@@ -8,9 +8,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from axolotl_prefalign.args import SpaConfig
-from axolotl_prefalign.rows import BadRowError
-from axolotl_prefalign.shards import read_shards
+from axolotl_prefalign.core.config import SpaConfig
+from axolotl_prefalign.core.rows import BadRowError
+from axolotl_prefalign.core.shards import read_shards
 from axolotl_prefalign.spa import expand as expand_mod
 from axolotl_prefalign.spa.expand import expand, prepare_prompts
 

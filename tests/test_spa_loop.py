@@ -14,16 +14,16 @@ import pytest
 import torch
 import yaml
 
-from axolotl_prefalign.args import SpaConfig, SpaPromptSource
-from axolotl_prefalign.rows import BadRowError
-from axolotl_prefalign.shards import ShardWriter, read_shards
+from axolotl_prefalign.core.config import SpaConfig, SpaPromptSource
+from axolotl_prefalign.core.rows import BadRowError
+from axolotl_prefalign.core.shards import ShardWriter, read_shards
+from axolotl_prefalign.integrations.axolotl.spa_loop import run_from_config
 from axolotl_prefalign.spa.loop import (
     SpaLoopError,
     iteration_prompts,
     load_policy,
     load_prompts,
     policy_spec,
-    run_from_config,
     training_stats,
 )
 
@@ -537,8 +537,8 @@ def _loop_config(tmp_path, tiny_model_dir, **spa):
 def test_expand_from_config_judges_with_the_loop_layout(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    from axolotl_prefalign.spa import loop as loop_mod
-    from axolotl_prefalign.spa.loop import expand_from_config
+    from axolotl_prefalign.integrations.axolotl import spa_loop as loop_mod
+    from axolotl_prefalign.integrations.axolotl.spa_loop import expand_from_config
 
     cfg, out = _loop_config(tmp_path, tiny_model_dir)
     summary = expand_from_config(cfg, 1)
@@ -559,8 +559,8 @@ def test_expand_from_config_judges_with_the_loop_layout(
 def test_vllm_without_one_model_folder(tmp_path, tiny_model_dir, monkeypatch, backend):
     """With vLLM importable (faked) but π_0 only an adapter: auto falls back to HF
     generation; an explicit vllm is an error that says what to do."""
+    from axolotl_prefalign.integrations.axolotl.spa_loop import expand_from_config
     from axolotl_prefalign.spa import expand as expand_mod
-    from axolotl_prefalign.spa.loop import expand_from_config
 
     def with_vllm(spa):  # choose_backend's answer where vllm and CUDA are there
         return "hf" if spa.generation_backend == "hf" else "vllm"

@@ -9,14 +9,16 @@ import types
 import pytest
 import yaml
 
-from axolotl_prefalign.rows import BadRowError, RowChecker
+from axolotl_prefalign.core.rows import BadRowError, RowChecker
+from axolotl_prefalign.integrations.axolotl.spa_pairs import (
+    _axolotl_passes_indices,
+    spa_pairs,
+)
 from axolotl_prefalign.spa.pairs import (
     OUTPUT_COLUMNS,
-    _axolotl_passes_indices,
     completion_text,
     normalize_pair,
     prompt_text,
-    spa_pairs,
 )
 
 PLUGIN = "axolotl_prefalign.PrefAlignPlugin"

@@ -6,6 +6,8 @@ its output does not exist yet); `axolotl prefalign denoise CONFIG` runs it alone
 Stages: `predict` (experts' plain and reasoning-enhanced replies), `answers`
 (extraction), `detect` (clean / noisy), `relabel` (retrieval, context-enhanced
 answer, review), `select` (lowest entropy), `pipeline` (resumable run + report).
+Axolotl's tokenizing strategy lives in `integrations/axolotl/robustft_sft.py`;
+`load` below is the door the YAML type reaches.
 """
 
 from __future__ import annotations
@@ -15,6 +17,6 @@ from typing import Any
 
 def load(tokenizer: Any, cfg: Any, ds_cfg: Any = None):
     """Axolotl's SFT dataset-type hook: a strategy that denoises, then tokenizes."""
-    from .sft import RobustFTStrategy
+    from ..integrations.axolotl.robustft import RobustFTStrategy
 
     return RobustFTStrategy(tokenizer, cfg, ds_cfg or {})

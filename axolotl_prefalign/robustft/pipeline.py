@@ -34,10 +34,10 @@ from typing import Any
 
 from datasets import Dataset
 
-from ..args import RobustFTConfig
-from ..local_data import DataFileError, LocalRows, read_entry
-from ..rows import RowChecker, text_problem
-from ..shards import (
+from ..core.config import RobustFTConfig
+from ..core.local_data import DataFileError, LocalRows, read_entry
+from ..core.rows import RowChecker, text_problem
+from ..core.shards import (
     ShardWriter,
     atomic_write_json,
     atomic_write_text,
@@ -319,7 +319,7 @@ def denoise_dataset(
     if load_predictor is None:
 
         def load_predictor(path: str) -> Predictor:
-            from ..models import resolve_model_path
+            from ..core.models import resolve_model_path
 
             return load_model_predictor(
                 resolve_model_path(_alias(path)),
@@ -761,7 +761,7 @@ def denoise_entry(
     encoder: Encoder | None = None,
 ) -> DenoiseResult:
     """Denoise one `datasets:` entry into its keyed output folder (or reuse it)."""
-    from ..plugin import prefalign_config
+    from ..core.config import prefalign_config
 
     pa = prefalign_config(cfg)
     settings = pa.robustft

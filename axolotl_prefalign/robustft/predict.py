@@ -20,8 +20,8 @@ from typing import Any, Protocol
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..generation import Generation, Prompt
-from ..shards import ShardWriter
+from ..core.generation import Generation, Prompt
+from ..core.shards import ShardWriter
 from .answers import letters
 
 LOG = logging.getLogger("axolotl_prefalign")
@@ -186,7 +186,7 @@ class ModelPredictor:
         max_new_tokens: int,
         logprobs: bool = False,
     ) -> list[Generation]:
-        from ..generation import generate
+        from ..core.generation import generate
 
         out = generate(
             self.model,

@@ -29,7 +29,7 @@ import numpy as np
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..shards import ShardWriter
+from ..core.shards import ShardWriter
 from .answers import answers_match, extract_answer
 from .predict import (
     Predictor,

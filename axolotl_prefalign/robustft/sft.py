@@ -1,23 +1,19 @@
-"""The Axolotl glue of `type: axolotl_prefalign.robustft`: denoise, then tokenize.
-
-Axolotl hands the loaded input rows to `wrap_dataset`; the strategy finds the
-denoised output for exactly these rows and settings (or runs the pipeline once) and
-returns the training set tokenized: the question (with lettered options) as the user
+"""The denoised set as SFT rows: the question (with lettered options) as the user
 turn, the answer as the assistant turn, loss on the answer tokens only.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from axolotl.prompt_tokenizers import IGNORE_INDEX, DatasetWrappingStrategy
 from datasets import Dataset
 
-from ..rows import RowChecker
+from ..core.logprobs import IGNORE_INDEX
+from ..core.rows import RowChecker
 from .answers import letters
-from .pipeline import RobustFTError, denoise_entry
+from .pipeline import RobustFTError
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -107,35 +103,3 @@ def tokenize_rows(
     if not out:
         raise RobustFTError("RobustFT left no training rows (see the report above)")
     return Dataset.from_list(out)
-
-
-class RobustFTStrategy(DatasetWrappingStrategy):
-    """Denoise Axolotl's loaded input rows (or reuse the output) and tokenize them."""
-
-    def __init__(
-        self, tokenizer: Any, cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any]
-    ):
-        self.tokenizer, self.cfg, self.ds_cfg = tokenizer, cfg, ds_cfg
-
-    def wrap_dataset(
-        self,
-        dataset: Dataset,
-        process_count: int | None = None,
-        keep_in_memory: bool | None = False,
-        **kwargs: Any,
-    ) -> Dataset:
-        from ..plugin import prefalign_config
-
-        pa = prefalign_config(self.cfg)
-        result = denoise_entry(self.cfg, self.ds_cfg, dataset)
-        fields = pa.robustft.fields
-        return tokenize_rows(
-            result.train,
-            self.tokenizer,
-            question_field=fields.question,
-            answer_field=fields.answer,
-            options_field=fields.options,
-            sequence_len=int(self.cfg.get("sequence_len") or 2048),
-            train_on_inputs=bool(self.cfg.get("train_on_inputs")),
-            checker=RowChecker(str(result.out_dir / "denoised.jsonl"), pa.on_bad_row),
-        )

@@ -1,26 +1,19 @@
 """SPA — Spread Preference Annotation (Kim et al., ICLR 2025; METHODS.md §1).
 
-`pairs` is the DPO dataset type, `judge` the implicit-reward judgment, `expand` one
-iteration's sampling + judging, `loop` the seed → expand → train orchestration.
+`pairs` normalises and renders preference pairs, `judge` the implicit-reward
+judgment, `expand` one iteration's sampling + judging, `loop` the framework-neutral
+parts of the seed → expand → train orchestration (layout, resumable stages,
+statistics). The DPO dataset type `axolotl_prefalign.spa_pairs` and the Axolotl
+runs of the loop live in `integrations/axolotl/`.
 """
 
 from __future__ import annotations
 
-__all__ = [
-    "expand",
-    "expand_from_config",
-    "judge_pairs",
-    "run_from_config",
-    "spa_pairs",
-]
+__all__ = ["expand", "judge_pairs"]
 
 
 def __getattr__(name: str):
-    # Lazy: `import axolotl_prefalign.spa` must not pull in torch or Axolotl.
-    if name == "spa_pairs":
-        from .pairs import spa_pairs
-
-        return spa_pairs
+    # Lazy: `import axolotl_prefalign.spa` must not pull in torch.
     if name == "judge_pairs":
         from .judge import judge_pairs
 
@@ -29,8 +22,4 @@ def __getattr__(name: str):
         from .expand import expand
 
         return expand
-    if name in ("expand_from_config", "run_from_config"):
-        from . import loop
-
-        return getattr(loop, name)
     raise AttributeError(f"module 'axolotl_prefalign.spa' has no attribute {name!r}")

@@ -29,9 +29,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..args import SpaConfig
-from ..rows import RowChecker, text_problem
-from ..shards import ShardWriter, atomic_write_json, read_shards
+from ..core.config import SpaConfig
+from ..core.rows import RowChecker, text_problem
+from ..core.shards import ShardWriter, atomic_write_json, read_shards
 from .judge import EMPTY_RESPONSE, EQUAL_REWARD, IDENTICAL_TEXT, judge_pairs
 from .pairs import prompt_text
 
@@ -44,7 +44,7 @@ SUMMARY_FILE = "summary.json"
 
 def hf_generator(model: Any, tokenizer: Any, spa: SpaConfig) -> GenerateFn:
     """Sampling with transformers' `generate` (batched, KV cache)."""
-    from ..generation import generate
+    from ..core.generation import generate
 
     def run(texts: list[str], seed: int) -> list[list[str]]:
         gens = generate(

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..heads import causal_lm, plain_lm_head
-from ..logprobs import IGNORE_INDEX
-from ..losses import implicit_rewards as dpo_implicit_rewards
+from ..core.heads import causal_lm, plain_lm_head
+from ..core.logprobs import IGNORE_INDEX
+from ..core.losses import implicit_rewards as dpo_implicit_rewards
 from .pairs import completion_text, prompt_text
 
 TIE_TOLERANCE = 1e-6
@@ -83,17 +83,14 @@ def encode_like_trl(
     """(prompt ids, completion ids) exactly as Axolotl's DPO trainer has them: TRL's
     `_prepare_dataset` tokenization, then Axolotl's removal of a doubled BOS (a chat
     template that writes BOS, plus the tokenizer adding one)."""
-    from axolotl.utils.data.utils import remove_double_bos_token
-
     bos = tokenizer.bos_token_id
 
     def encode(text: str) -> list[int]:
-        ids = {"input_ids": list(tokenizer(text)["input_ids"])}
-        return (
-            remove_double_bos_token(ids, bos)["input_ids"]
-            if bos is not None
-            else ids["input_ids"]
-        )
+        ids = list(tokenizer(text)["input_ids"])
+        # As Axolotl's `remove_double_bos_token`: one BOS of two leading ones goes.
+        if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids
 
     prompt_ids = encode(prompt)
     full_ids = encode(prompt + completion)
@@ -127,7 +124,7 @@ def sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of completion-token log-probs and the completion length, per sequence,
     from ONE padded forward of the backbone and the fused lm_head log-softmax."""
-    from ..logprobs import token_logprobs
+    from ..core.logprobs import token_logprobs
 
     causal = causal_lm(model)
     weight, bias = plain_lm_head(causal)

@@ -10,7 +10,7 @@ Everything lives under the YAML's `output_dir`:
     spa_state.json     finished stages (a rerun skips them)
     spa_summary.json   per-iteration statistics (also printed as a table)
 
-Each stage runs as a subprocess (`axolotl train`, `axolotl merge-lora`,
+Each stage runs as a subprocess (for Axolotl: `axolotl train`, `axolotl merge-lora`,
 `axolotl prefalign spa-expand`), so this module only orchestrates. Iteration i
 trains π_i from π_{i−1} for one epoch with `prefalign.loss: spa` and
 `prefalign.spa.iteration: i`; the DPO reference is π_{i−1}: with LoRA, a fresh
@@ -23,7 +23,6 @@ it (all active = π_{i−1}, all disabled = π_init), so one model serves both.
 from __future__ import annotations
 
 import ast
-import copy
 import hashlib
 import json
 import logging
@@ -37,16 +36,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..args import SpaConfig, SpaPromptSource
-from ..rows import RowChecker, text_problem
-from ..shards import atomic_write_json, atomic_write_text, main_process_only
+from ..core.config import SpaConfig, SpaPromptSource
+from ..core.rows import RowChecker, text_problem
+from ..core.shards import atomic_write_json
 
 LOG = logging.getLogger("axolotl_prefalign")
 
 STATE_FILE = "spa_state.json"
 SUMMARY_FILE = "spa_summary.json"
-PLUGIN = "axolotl_prefalign.PrefAlignPlugin"
-PAIRS_TYPE = "axolotl_prefalign.spa_pairs"
 WEIGHT_FILES = (
     "adapter_model.safetensors",
     "adapter_model.bin",
@@ -91,7 +88,7 @@ def load_prompts(source: SpaPromptSource, on_bad_row: str = "error"):
     """A source's prompts as a Dataset with `index` (source row) and `prompt`."""
     from datasets import Dataset
 
-    from ..local_data import DataFileError, read_local
+    from ..core.local_data import DataFileError, read_local
 
     checker = RowChecker(str(source.path), on_bad_row)
     try:
@@ -193,16 +190,15 @@ def is_adapter_run(cfg: Any) -> bool:
 
 def original_base(cfg: Any) -> str:
     """π_init: the YAML's base model (the SFT model), resolved once."""
-    from ..models import resolve_model_path
-    from ..plugin import DEFAULT_MODEL_ALIAS
+    from ..core.models import DEFAULT_MODEL_ALIAS, resolve_model_path
 
     base = cfg.get("base_model")
     if base == DEFAULT_MODEL_ALIAS:
         base = resolve_model_path(None)
-    return _abs(base)
+    return absolute(base)
 
 
-def _abs(path: str) -> str:
+def absolute(path: str) -> str:
     p = Path(str(path)).expanduser()
     return str(p.resolve()) if p.exists() else str(path)
 
@@ -232,21 +228,21 @@ class PolicySpec:
 
 def policy_spec(cfg: Any, iteration: int, model_path: str | None = None) -> PolicySpec:
     """Where π_{iteration−1} and π_init come from (the loop's layout, or --model)."""
-    from ..plugin import prefalign_config
+    from ..core.config import prefalign_config
 
     spa = prefalign_config(cfg).spa
     base = original_base(cfg)
-    init = _abs(spa.init_model) if spa.init_model else None
+    init = absolute(spa.init_model) if spa.init_model else None
     if model_path:
         path = Path(model_path)
         adapter_cfg = path / "adapter_config.json"
         if adapter_cfg.exists():
             on = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-            on = _abs(on)
+            on = absolute(on)
             if init is None and on != base:
                 init = base
-            return PolicySpec(on, [_abs(str(path))], init)
-        return PolicySpec(_abs(str(path)), [], init or base, _abs(str(path)))
+            return PolicySpec(on, [absolute(str(path))], init)
+        return PolicySpec(absolute(str(path)), [], init or base, absolute(str(path)))
     out = Path(cfg.get("output_dir"))
     if is_adapter_run(cfg):
         dirs = [iter_dir(out, k) for k in range(iteration)]
@@ -320,102 +316,6 @@ def load_policy(spec: PolicySpec, cfg: Any) -> tuple[Any, Any]:
     return model, init
 
 
-def expand_from_config(
-    cfg: Any,
-    iteration: int,
-    model_path: str | None = None,
-    out_dir: str | None = None,
-) -> dict[str, Any]:
-    """`axolotl prefalign spa-expand CONFIG -i I`: the pairs of iteration I from
-    π_{I−1}; returns the expansion summary."""
-    from axolotl.loaders import load_tokenizer
-
-    from ..plugin import prefalign_config
-    from .expand import (
-        VllmGenerator,
-        choose_backend,
-        expand,
-        expansion_meta,
-        finished_summary,
-        generate_responses,
-        prepare_prompts,
-    )
-
-    pa = prefalign_config(cfg)
-    spa = pa.spa
-    if not main_process_only("SPA expansion"):
-        return {}
-    if not 1 <= iteration <= spa.iterations:
-        raise SpaLoopError(
-            f"--iteration must be in 1..{spa.iterations} (prefalign.spa.iterations)"
-        )
-    parts = iteration_prompts(spa, pa.on_bad_row)
-    prompts = parts[iteration - 1]
-    source = spa.prompts[min(iteration, len(spa.prompts)) - 1].path
-    out = Path(out_dir) if out_dir else iter_dir(cfg.get("output_dir"), iteration)
-    spec = policy_spec(cfg, iteration, model_path)
-    tokenizer = load_tokenizer(cfg)
-    backend = choose_backend(spa)
-    auto = spa.generation_backend == "auto"
-    if backend == "vllm" and spec.vllm_path is None and auto:
-        # vLLM loads one model folder; π_{i−1} as stacked adapters is HF-only. Decided
-        # before expansion_meta, which records the backend that generated the pairs.
-        LOG.info(
-            "SPA iteration %d: π_%d is not one model folder; generating with HF",
-            iteration,
-            iteration - 1,
-        )
-        backend = "hf"
-    kept, _ = prepare_prompts(
-        prompts,
-        tokenizer,
-        max_prompt_tokens=spa.max_prompt_tokens,
-        on_bad_row=pa.on_bad_row,
-        source=source,
-    )
-    gen_meta, meta = expansion_meta(
-        spa,
-        iteration,
-        kept,
-        model_id=spec.model_id,
-        init_model_id=spec.init_id,
-        backend=backend,
-    )
-    done = finished_summary(out, meta)
-    if done is not None:
-        LOG.info("SPA iteration %d: expansion already complete in %s", iteration, out)
-        return done
-    if backend == "vllm":
-        if spec.vllm_path is None:
-            raise SpaLoopError(
-                f"vLLM needs π_{iteration - 1} as one model folder (e.g. "
-                f"iter_{iteration - 1}/merged); set generation_backend: hf"
-            )
-        generator = VllmGenerator(spec.vllm_path, tokenizer, spa)
-        try:
-            generate_responses(
-                kept, generator, tokenizer, spa, out, iteration, gen_meta
-            )
-        finally:
-            generator.close()
-    model, init = load_policy(spec, cfg)
-    return expand(
-        prompts,
-        model,
-        tokenizer,
-        init,
-        spa,
-        out,
-        iteration,
-        chunk_size=pa.chunk_size,
-        on_bad_row=pa.on_bad_row,
-        source=source,
-        model_id=spec.model_id,
-        init_model_id=spec.init_id,
-        backend=backend,
-    )
-
-
 # -- stages ----------------------------------------------------------------------
 
 
@@ -439,33 +339,6 @@ def run_command(cmd: list[str], log_path: Path) -> None:
         raise SpaLoopError(
             f"stage failed (exit {proc.returncode}): {' '.join(cmd)}; see {log_path}"
         )
-
-
-def _axolotl(*args: str) -> list[str]:
-    return [sys.executable, "-m", "axolotl.cli.main", *args]
-
-
-def train_command(config: Path, launcher: str) -> list[str]:
-    """`axolotl train CONFIG --launcher L`."""
-    return _axolotl("train", str(config), "--launcher", launcher)
-
-
-def merge_command(config: Path) -> list[str]:
-    """`axolotl merge-lora CONFIG` (writes output_dir/merged)."""
-    return _axolotl("merge-lora", str(config))
-
-
-def expand_command(config: Path, iteration: int, out: Path) -> list[str]:
-    """`axolotl prefalign spa-expand CONFIG --iteration I --out DIR`."""
-    return _axolotl(
-        "prefalign",
-        "spa-expand",
-        str(config),
-        "--iteration",
-        str(iteration),
-        "--out",
-        str(out),
-    )
 
 
 class SpaState:
@@ -492,12 +365,12 @@ class SpaState:
             atomic_write_json(self.path, self.data)
 
 
-def _sha(text: str) -> str:
+def short_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
-class _Loop:
+class StageRunner:
     state: SpaState
     runner: Runner
     # True once a stage ran in this invocation: later stages' old outputs are stale.
@@ -560,54 +433,6 @@ def pair_files(d: Path) -> list[str]:
         for s in manifest["shards"]
         if s["rows"]
     ]
-
-
-def stage_config(
-    raw: dict[str, Any],
-    spa: SpaConfig,
-    iteration: int,
-    *,
-    base_model: str,
-    tokenizer: str,
-    out: Path,
-    pairs: list[str] | None,
-) -> dict[str, Any]:
-    """The training YAML of one stage, derived from the user's YAML."""
-    c = copy.deepcopy(raw)
-    for key in ("lora_model_dir", "resume_from_checkpoint", "base_model_config"):
-        c.pop(key, None)
-    c["base_model"] = base_model
-    c["tokenizer_config"] = tokenizer
-    c["rl"] = "dpo"
-    c["output_dir"] = str(out)
-    c["dataset_prepared_path"] = str(out / "prepared")
-    pf = copy.deepcopy(raw.get("prefalign") or {})
-    # The trainer reads only the loss-side spa settings; leaving out the loop's
-    # own (prompts, sampling, ...) keeps a change there from staling finished
-    # training stages.
-    spa_block = {k: v for k, v in (pf.get("spa") or {}).items() if k not in LOOP_ONLY}
-    pf["spa"] = {**spa_block, "iteration": iteration}
-    if iteration == 0:
-        # Seed DPO is plain DPO (sigmoid) on the labelled seed, for seed_epochs.
-        c["num_epochs"] = spa.seed_epochs
-        pf["loss"] = "sigmoid"
-        pf.pop("label_smoothing", None)
-    else:
-        c["num_epochs"] = 1
-        c["datasets"] = [
-            {
-                "path": str(out / "pairs"),
-                "ds_type": "json",
-                "data_files": pairs,
-                "split": "train",
-                "type": PAIRS_TYPE,
-            }
-        ]
-        pf["loss"] = pf.get("loss") or "spa"
-    c["prefalign"] = pf
-    if c.get("rl_beta") is None and not (c.get("trl") or {}).get("beta"):
-        c["rl_beta"] = spa.beta
-    return c
 
 
 def training_stats(d: Path) -> dict[str, Any]:
@@ -674,96 +499,3 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(t.get('mean_rewards/accuracies'), '.3f'):>6}"
         )
     return "\n".join(lines)
-
-
-def run_from_config(
-    cfg: Any, config_path: str | Path, runner: Runner | None = None
-) -> dict[str, Any]:
-    """`axolotl prefalign spa CONFIG`: seed DPO, then expand → train per iteration;
-    resumable at stage granularity. Returns the summary (also `spa_summary.json`)."""
-    import yaml
-
-    from ..plugin import prefalign_config
-
-    if not main_process_only("the SPA loop"):
-        return {}
-    config_path = Path(config_path).resolve()
-    raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    if PLUGIN not in (raw.get("plugins") or []):
-        raise SpaLoopError(f"the SPA loop needs `plugins: [{PLUGIN}]` in {config_path}")
-    if raw.get("rl") not in (None, "dpo"):
-        raise SpaLoopError(f"SPA trains with rl: dpo, the YAML has rl: {raw['rl']}")
-    pa = prefalign_config(cfg)
-    spa = pa.spa
-    iteration_prompts(spa, pa.on_bad_row)  # bad prompt settings fail before training
-    out = Path(cfg.get("output_dir")).resolve()
-    base = original_base(cfg)
-    tok = cfg.get("tokenizer_config")
-    tokenizer = base if tok in (None, raw.get("base_model")) else _abs(tok)
-    adapter = is_adapter_run(cfg)
-    spa_sha = _sha(json.dumps(spa.model_dump(include=EXPAND_SETTINGS), sort_keys=True))
-    loop = _Loop(SpaState(out / STATE_FILE), runner or run_command)
-    rows: list[dict[str, Any]] = []
-
-    for i in range(spa.iterations + 1):
-        d = iter_dir(out, i)
-        d.mkdir(parents=True, exist_ok=True)
-        expansion, pairs = None, None
-        if i > 0:
-            loop.stage(
-                f"iter_{i}/expand",
-                spa_sha + f"-{i}",
-                expand_command(config_path, i, d),
-                d / "expand.log",
-                lambda d=d: expansion_done(d),
-                [d / "generations", d / "pairs", d / "dropped", d / "summary.json"],
-            )
-            expansion = json.loads((d / "summary.json").read_text(encoding="utf-8"))
-            if not expansion["pairs"]:
-                raise SpaLoopError(
-                    f"iteration {i} produced no pairs ({expansion['prompts']} prompts, "
-                    f"{expansion['ties_dropped']} ties, {expansion['dropped_empty']} "
-                    "empty); use more prompts or a larger max_new_tokens"
-                )
-            pairs = pair_files(d)
-        prev = iter_dir(out, i - 1)
-        base_i = base if i == 0 else str(prev / "merged" if adapter else prev)
-        conf = stage_config(
-            raw, spa, i, base_model=base_i, tokenizer=tokenizer, out=d, pairs=pairs
-        )
-        text = yaml.safe_dump(conf, sort_keys=False, allow_unicode=True)
-        atomic_write_text(d / "config.yml", text)
-        loop.stage(
-            f"iter_{i}/train",
-            _sha(text),
-            train_command(d / "config.yml", spa.launcher),
-            d / "train.log",
-            lambda d=d: has_weights(d),
-            [*d.glob("checkpoint-*"), *(d / n for n in WEIGHT_FILES), d / "prepared"],
-        )
-        if adapter:
-            loop.stage(
-                f"iter_{i}/merge",
-                _sha(text),
-                merge_command(d / "config.yml"),
-                d / "merge.log",
-                lambda d=d: has_weights(d / "merged"),
-                [d / "merged"],
-            )
-        metrics = {
-            "iteration": i,
-            "stage": "seed DPO" if i == 0 else "SPA",
-            "base_model": base_i,
-            "expansion": expansion,
-            "training": training_stats(d),
-        }
-        atomic_write_json(d / "metrics.json", metrics)
-        rows.append(metrics)
-
-    last = iter_dir(out, spa.iterations)
-    final = last / "merged" if adapter else last
-    summary = {"final_model": str(final), "iterations": rows}
-    atomic_write_json(out / SUMMARY_FILE, summary)
-    LOG.info("SPA finished; final model: %s", final)
-    print(summary_table(rows), flush=True)
-    return summary

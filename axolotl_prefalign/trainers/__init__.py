@@ -1,21 +1,22 @@
-"""Trainer classes installed through `trainer_cls:` by the plugin.
+"""The `trainer_cls:` paths a YAML may name: `axolotl_prefalign.trainers.<Name>`.
 
-Imported lazily: Axolotl resolves `axolotl_prefalign.trainers.<Name>` with getattr.
+A door kept for YAML written before the layout move (the plugin installs these
+itself); the classes live in `integrations/axolotl/trainers/`. Imported lazily:
+Axolotl resolves the path with getattr.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _EXPORTS = {
-    "PrefAlignDPOTrainer": ".dpo",
-    "ContrastSFTTrainer": ".contrast_sft",
+    "PrefAlignDPOTrainer": "..integrations.axolotl.trainers.dpo",
+    "ContrastSFTTrainer": "..integrations.axolotl.trainers.contrast_sft",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -156,7 +156,7 @@ def load_model(adapter_dir: Path | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_prefalign.models import prepare_default_model
+    from axolotl_prefalign.core.models import prepare_default_model
 
     base = str(prepare_default_model())
     tok = AutoTokenizer.from_pretrained(base)

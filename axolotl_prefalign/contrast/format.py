@@ -22,12 +22,12 @@ import hashlib
 import logging
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .args import ContrastConfig, ContrastFields, PrefAlignConfig
-from .rows import BadRowError, RowChecker, text_problem
+from ..core.config import ContrastConfig, ContrastFields, PrefAlignConfig
+from ..core.rows import BadRowError, RowChecker, text_problem
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -147,7 +147,7 @@ def _contrast_config(config: Any) -> ContrastConfig:
         return config
     if isinstance(config, PrefAlignConfig):
         return config.contrast
-    from .plugin import prefalign_config
+    from ..core.config import prefalign_config
 
     return prefalign_config(config).contrast
 
@@ -598,36 +598,8 @@ class ContrastFormat:
             )
 
 
-def _source_name(ds_cfg: Any) -> str:
-    if not ds_cfg:
-        return "contrast dataset"
-    get = ds_cfg.get if hasattr(ds_cfg, "get") else lambda k: getattr(ds_cfg, k, None)
-    path = get("path") or "contrast dataset"
-    files = get("data_files")
-    return f"{path} ({files})" if files else str(path)
-
-
-def load(tokenizer: Any, cfg: Any, ds_cfg: Any = None) -> ContrastFormat:
-    """Axolotl SFT dataset type `axolotl_prefalign.contrast`."""
-    from axolotl.prompt_tokenizers import DatasetWrappingStrategy
-
-    from .plugin import prefalign_config
-
-    # A virtual subclass: Axolotl then hands us the whole dataset (wrap_dataset),
-    # while importing this module stays free of Axolotl.
-    DatasetWrappingStrategy.register(ContrastFormat)
-    pa = prefalign_config(cfg)
-    return ContrastFormat(
-        tokenizer,
-        pa.contrast,
-        sequence_len=int(cfg.get("sequence_len") or 2048),
-        source=_source_name(ds_cfg),
-        on_bad_row=pa.on_bad_row,
-    )
-
-
 # ---------------------------------------------------------------------------
-# Inference, collation, preview
+# Inference
 
 
 def build_inference_prompt(
@@ -661,108 +633,3 @@ def build_inference_prompt(
         system = system if system is not None else msg_system
     pair = ContrastPair(question.strip(), "", "", instruction, system, turns)
     return fmt.prompt_text(pair)
-
-
-def collator_for(cfg: Any, is_eval: bool = False) -> tuple[type, dict[str, Any]]:
-    """(collator class, kwargs) for Axolotl's SFT builder: pads negative_labels too."""
-    from .trainers.contrast_sft import (
-        ContrastBatchSamplerCollator,
-        ContrastDataCollator,
-        ContrastV2BatchSamplerCollator,
-    )
-
-    packed = cfg.get("eval_sample_packing") if is_eval else cfg.get("sample_packing")
-    if not packed:
-        return ContrastDataCollator, {}
-    # The same choice Axolotl's builder makes between its two packing collators.
-    from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
-
-    attn = cfg.get("attn_implementation")
-    model_type = cfg.get("model_config_type")
-    if (
-        attn == "flex_attention"
-        or model_type in SUPPORTED_MULTIPACK_MODEL_TYPES
-        or (model_type == "llama" and attn != "flash_attention_2")
-    ):
-        return ContrastV2BatchSamplerCollator, {}
-    return ContrastBatchSamplerCollator, {}
-
-
-_MARKS = {
-    "loss": ("⟦", "⟧", "\x1b[1;32m", "\x1b[0m"),
-    "negative": ("⟨", "⟩", "\x1b[31m", "\x1b[0m"),
-}
-
-
-def render_marked(fmt: ContrastFormat, encoded: EncodedRow, color: bool = False) -> str:
-    """Decoded row with the loss span in ⟦ ⟧ (and unlikelihood span in ⟨ ⟩)."""
-    show_negative = fmt.config.unlikelihood_weight > 0
-
-    def mark(kind: str) -> str | None:
-        if kind in ("positive", "end"):
-            return "loss"
-        return "negative" if kind == "negative" and show_negative else None
-
-    out, start = [], 0
-    for j in range(1, len(encoded.ids) + 1):
-        if j < len(encoded.ids) and mark(encoded.kinds[j]) == mark(
-            encoded.kinds[start]
-        ):
-            continue
-        text = fmt.tokenizer.decode(
-            encoded.ids[start:j],
-            skip_special_tokens=False,
-            clean_up_tokenization_spaces=False,
-        )
-        m = mark(encoded.kinds[start])
-        if m:
-            left, right, on, off = _MARKS[m]
-            text = f"{on}{text}{off}" if color else f"{left}{text}{right}"
-        out.append(text)
-        start = j
-    return "".join(out)
-
-
-def preview_config(
-    cfg: Any, num_rows: int = 3, echo: Callable[[str], Any] = print
-) -> None:
-    """Print the first rows of the config's contrast dataset as training sees them."""
-    from axolotl.loaders import load_tokenizer
-
-    from .local_data import read_entry
-
-    ds_cfg = next(
-        (d for d in cfg.get("datasets") or [] if d.get("type") == TYPE_NAME), None
-    )
-    if ds_cfg is None:
-        raise ValueError(f"the config has no dataset with `type: {TYPE_NAME}`")
-    rows = read_entry(ds_cfg).rows
-    fmt = load(load_tokenizer(cfg), cfg, ds_cfg)
-    c = fmt.config
-    color = sys.stdout.isatty()
-    echo(
-        f"{fmt.source}: {len(rows)} rows · preset {c.preset} · mode {c.mode} · "
-        f"order {c.order} · positive_only_ratio {c.positive_only_ratio} · "
-        f"unlikelihood_weight {c.unlikelihood_weight} · sequence_len "
-        f"{fmt.sequence_len}"
-    )
-    legend = "loss-carrying span in ⟦ ⟧"
-    if c.unlikelihood_weight > 0:
-        legend += ", unlikelihood span in ⟨ ⟩"
-    echo(legend + ("  (coloured on a terminal)" if color else ""))
-    for index in range(min(num_rows, len(rows))):
-        try:
-            encoded = fmt.encode_row(rows[index], index)
-        except BadRowError as err:
-            echo(f"\n── row {index + 1}: BAD ROW: {err}")
-            continue
-        n_loss = sum(k in ("positive", "end") for k in encoded.kinds)
-        n_neg = sum(k == "negative" for k in encoded.kinds)
-        notes = ["positive-only"] if encoded.positive_only else []
-        notes += [t.replace("_", " ") for t in encoded.truncation]
-        echo(
-            f"\n── row {index + 1} ── {len(encoded.ids)} tokens, {n_loss} with loss, "
-            f"{n_neg} in the negative answer"
-            + (f" ({', '.join(notes)})" if notes else "")
-        )
-        echo(render_marked(fmt, encoded, color=color))

@@ -21,9 +21,15 @@ from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from .args import PrefAlignConfig
-from .local_data import DataFileError, is_local, looks_local, read_entry, write_jsonl
-from .rows import RowChecker
+from ...core.config import PrefAlignConfig
+from ...core.local_data import (
+    DataFileError,
+    is_local,
+    looks_local,
+    read_entry,
+    write_jsonl,
+)
+from ...core.rows import RowChecker
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -38,7 +44,7 @@ RowsCheck = Callable[[list[Any], RowChecker, PrefAlignConfig], list[int]]
 
 
 def _contrast_ok(rows: list[Any], checker: RowChecker, pa: PrefAlignConfig):
-    from .contrast import RowProblem, parse_row
+    from ...contrast.format import RowProblem, parse_row
 
     kept = []
     for idx, row in enumerate(rows):
@@ -52,13 +58,13 @@ def _contrast_ok(rows: list[Any], checker: RowChecker, pa: PrefAlignConfig):
 
 
 def _spa_pairs_ok(rows: list[Any], checker: RowChecker, pa: PrefAlignConfig):
-    from .spa.pairs import normalize_pair
+    from ...spa.pairs import normalize_pair
 
     return [i for i, r in enumerate(rows) if normalize_pair(r, i, checker) is not None]
 
 
 def _robustft_ok(rows: list[Any], checker: RowChecker, pa: PrefAlignConfig):
-    from .robustft.pipeline import prepare_rows
+    from ...robustft.pipeline import prepare_rows
 
     _, skipped = prepare_rows(rows, pa.robustft, checker)
     return [i for i in range(len(rows)) if i not in skipped]
@@ -73,7 +79,7 @@ ROWS_CHECKS: dict[str, RowsCheck] = {
 
 def checked_dir() -> Path:
     """Where checked copies of inputs with skipped rows are written."""
-    from .models import cache_dir
+    from ...core.models import cache_dir
 
     return cache_dir() / "checked"
 

@@ -68,7 +68,8 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _entry_get(entry: Any, key: str) -> Any:
+def entry_get(entry: Any, key: str) -> Any:
+    """A key of a `datasets:` entry, given as a mapping or an attribute object."""
     if isinstance(entry, Mapping):
         return entry.get(key)
     return getattr(entry, key, None)
@@ -264,16 +265,16 @@ def _finish(out: LocalRows, checker: RowChecker, shared: bool) -> LocalRows:
 def read_entry(entry: Any, on_bad_row: str = "error") -> LocalRows:
     """The rows of a `datasets:` entry that names local data (path, data_files,
     split, ds_type as Axolotl spells them)."""
-    path = _entry_get(entry, "path")
+    path = entry_get(entry, "path")
     if not path:
         raise DataFileError("a datasets: entry needs `path`")
-    files = _entry_get(entry, "data_files")
+    files = entry_get(entry, "data_files")
     source = f"{path} ({files})" if files else str(path)
     return read_local(
         path,
         files=files,
-        split=_entry_get(entry, "split"),
-        ds_type=_entry_get(entry, "ds_type"),
+        split=entry_get(entry, "split"),
+        ds_type=entry_get(entry, "ds_type"),
         on_bad_row=on_bad_row,
         source=source,
     )
@@ -281,15 +282,15 @@ def read_entry(entry: Any, on_bad_row: str = "error") -> LocalRows:
 
 def is_local(entry: Any) -> bool:
     """True when a `datasets:` entry names an existing local file or folder."""
-    path = _entry_get(entry, "path")
+    path = entry_get(entry, "path")
     return bool(path) and Path(str(path)).expanduser().exists()
 
 
 def looks_local(entry: Any) -> bool:
     """True when a `datasets:` entry names a file (by suffix or `ds_type`), so a
     missing path is a typo, not a hub dataset."""
-    path = str(_entry_get(entry, "path") or "")
-    kind = _entry_get(entry, "ds_type")
+    path = str(entry_get(entry, "path") or "")
+    kind = entry_get(entry, "ds_type")
     local_kinds = ("json", *TABLE_FORMATS.values())
     return _suffix(Path(path)) in (*JSON_SUFFIXES, *TABLE_FORMATS) or (
         kind in local_kinds

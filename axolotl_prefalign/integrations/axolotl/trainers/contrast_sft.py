@@ -21,8 +21,8 @@ from axolotl.utils.collators import (
     V2BatchSamplerDataCollatorForSeq2Seq,
 )
 
-from ..contrast import NEGATIVE_LABELS
-from ..logprobs import IGNORE_INDEX
+from ....contrast.format import NEGATIVE_LABELS
+from ....core.logprobs import IGNORE_INDEX
 
 
 def unlikelihood_loss(
@@ -59,7 +59,7 @@ class ContrastSFTTrainer(AxolotlTrainer):
         if self._unlikelihood_weight is None:
             from axolotl.integrations.base import PluginManager
 
-            from ..plugin import prefalign_config
+            from ....core.config import prefalign_config
 
             cfg = self.axolotl_cfg or PluginManager.get_instance().cfg
             self._unlikelihood_weight = (

@@ -1,4 +1,4 @@
-"""The `prefalign:` block of an Axolotl YAML: one pydantic model per method.
+"""The `prefalign:` block of a YAML: one pydantic model per method.
 
 Axolotl's own schema silently drops unknown keys, so every model here forbids extra
 keys and `PrefAlignConfig.from_raw` turns pydantic's error into one that names the
@@ -400,25 +400,8 @@ def _explain(err: ValidationError) -> str:
     return "invalid prefalign: block: " + "; ".join(lines)
 
 
-# Bump when a dataset format's token output changes, so Axolotl's prepared-data
-# cache (which hashes this field through the plugin's salt) is not reused.
-DATA_FORMAT_REVISION = "2"
-
-
-class PrefAlignArgs(BaseModel):
-    """The pydantic mixin Axolotl merges into its config schema."""
-
-    prefalign: PrefAlignConfig | None = None
-    prefalign_data_revision: str = Field(
-        DATA_FORMAT_REVISION,
-        description="Internal: the plugin's dataset-format revision (cache salt); "
-        "do not set.",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _validate_prefalign(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("prefalign") is not None:
-            data = dict(data)
-            data["prefalign"] = PrefAlignConfig.from_raw(data["prefalign"])
-        return data
+def prefalign_config(cfg: Any) -> PrefAlignConfig:
+    """The validated `prefalign:` block of a framework config (a raw or validated
+    mapping with a `prefalign` key; Axolotl's YAML or our LLaMA-Factory launcher's)."""
+    raw = cfg.get("prefalign") if hasattr(cfg, "get") else None
+    return PrefAlignConfig.from_raw(raw)

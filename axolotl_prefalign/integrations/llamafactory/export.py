@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .args import ContrastConfig, PrefAlignConfig
-from .contrast import (
+from ...contrast.format import (
     _SENTINELS,
     ContrastFormat,
     ContrastPair,
@@ -39,10 +38,11 @@ from .contrast import (
     is_positive_only,
     parse_row,
 )
-from .contrast import TYPE_NAME as CONTRAST_TYPE
-from .local_data import DataFileError, LocalRows, read_entry
-from .rows import RowChecker, check_text_fields
-from .shards import atomic_write_json, atomic_write_text, main_process_only
+from ...contrast.format import TYPE_NAME as CONTRAST_TYPE
+from ...core.config import ContrastConfig, PrefAlignConfig
+from ...core.local_data import DataFileError, LocalRows, entry_get, read_entry
+from ...core.rows import RowChecker, check_text_fields
+from ...core.shards import atomic_write_json, atomic_write_text, main_process_only
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -227,7 +227,7 @@ def spa_rows(
 ) -> list[dict[str, Any]]:
     """SPA / labelled pairs as LLaMA-Factory pairwise rows (same validation as
     `type: axolotl_prefalign.spa_pairs`)."""
-    from .spa.pairs import normalize_pair
+    from ...spa.pairs import normalize_pair
 
     out = []
     for index, row in enumerate(rows):
@@ -257,7 +257,7 @@ def robustft_rows(
 ) -> list[dict[str, Any]]:
     """Denoised RobustFT rows as alpaca SFT rows: the user turn RobustFT's dataset
     type trains on (question + lettered options) → the answer."""
-    from .robustft.sft import user_turn
+    from ...robustft.sft import user_turn
 
     out = []
     for index, row in enumerate(rows):
@@ -288,10 +288,6 @@ def robustft_rows(
 # Reading the YAML's data
 
 
-def _get(entry: Any, key: str) -> Any:
-    return entry.get(key) if hasattr(entry, "get") else getattr(entry, key, None)
-
-
 def load_local_rows(ds_cfg: Any, on_bad_row: str = "error") -> LocalRows:
     """The rows of a `datasets:` entry that names local data, with their lines
     (the export never reaches a hub)."""
@@ -302,7 +298,7 @@ def load_local_rows(ds_cfg: Any, on_bad_row: str = "error") -> LocalRows:
 
 
 def _entries(cfg: Any, type_name: str) -> list[Any]:
-    return [d for d in (cfg.get("datasets") or []) if _get(d, "type") == type_name]
+    return [d for d in (cfg.get("datasets") or []) if entry_get(d, "type") == type_name]
 
 
 def export_contrast(cfg: Any, pa: PrefAlignConfig, tokenizer: Any) -> ExportedSet:
@@ -356,8 +352,8 @@ def _pair_set(name: str, file: str, rows, source: str, policy: str) -> ExportedS
 def export_spa(cfg: Any, pa: PrefAlignConfig) -> list[ExportedSet]:
     """Labelled seed pairs (`type: axolotl_prefalign.spa_pairs` entries) and every
     finished SPA expansion under `output_dir/iter_<i>/pairs`."""
-    from .shards import read_shards
-    from .spa.loop import expansion_done, iter_dir
+    from ...core.shards import read_shards
+    from ...spa.loop import expansion_done, iter_dir
 
     sets = []
     seeds = _entries(cfg, SPA_TYPE)
@@ -403,21 +399,26 @@ def export_spa(cfg: Any, pa: PrefAlignConfig) -> list[ExportedSet]:
 def robustft_output_dir(cfg: Any, ds_cfg: Any) -> Path:
     """The keyed folder where `axolotl prefalign denoise` puts this entry's output
     (the same key `denoise_entry` computes; nothing is run here)."""
-    from .plugin import prefalign_config
-    from .robustft.pipeline import cache_key, default_parent, load_input, output_folder
+    from ...core.config import prefalign_config
+    from ...robustft.pipeline import (
+        cache_key,
+        default_parent,
+        load_input,
+        output_folder,
+    )
 
     pa = prefalign_config(cfg)
     ds = load_input(ds_cfg, pa.on_bad_row).rows
     key = cache_key(
         pa.robustft, ds, base_model=cfg.get("base_model"), on_bad_row=pa.on_bad_row
     )
-    source = str(_get(ds_cfg, "path") or "dataset")
+    source = str(entry_get(ds_cfg, "path") or "dataset")
     return output_folder(default_parent(cfg, pa.robustft), source, key)
 
 
 def export_robustft(cfg: Any, pa: PrefAlignConfig) -> ExportedSet:
     """The denoised training rows of every RobustFT entry as one SFT set."""
-    from .robustft.pipeline import REPORT_FILE, TRAIN_FILE, load_result
+    from ...robustft.pipeline import REPORT_FILE, TRAIN_FILE, load_result
 
     rows, skipped, sources = [], 0, []
     f = pa.robustft.fields
@@ -425,8 +426,8 @@ def export_robustft(cfg: Any, pa: PrefAlignConfig) -> ExportedSet:
         folder = robustft_output_dir(cfg, ds_cfg)
         if not (folder / REPORT_FILE).exists():
             raise ExportError(
-                f"{_get(ds_cfg, 'path')}: no finished RobustFT output in {folder}; run "
-                "`axolotl prefalign denoise CONFIG` first"
+                f"{entry_get(ds_cfg, 'path')}: no finished RobustFT output in "
+                f"{folder}; run `axolotl prefalign denoise CONFIG` first"
             )
         source = str(folder / TRAIN_FILE)
         checker = RowChecker(source, pa.on_bad_row)
@@ -494,7 +495,7 @@ def export_from_config(
     echo: Callable[[str], Any] = print,
 ) -> list[ExportedSet]:
     """`axolotl prefalign export --to llamafactory CONFIG OUT_DIR`."""
-    from .plugin import prefalign_config
+    from ...core.config import prefalign_config
 
     if target not in TARGETS:
         raise ExportError(f"unknown export target {target!r}; valid: {TARGETS}")

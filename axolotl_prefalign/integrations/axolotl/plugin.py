@@ -8,20 +8,14 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from .args import PrefAlignConfig, PrefAlignConfigError
+from ...core.config import PrefAlignConfigError, prefalign_config
+from ...core.models import DEFAULT_MODEL_ALIAS
 from .dataset_check import precheck_datasets
 
 LOG = logging.getLogger("axolotl_prefalign")
 
-DEFAULT_MODEL_ALIAS = "prefalign:default"
 TRAINER_CLS = "axolotl_prefalign.trainers.PrefAlignDPOTrainer"
 SFT_TRAINER_CLS = "axolotl_prefalign.trainers.ContrastSFTTrainer"
-
-
-def prefalign_config(cfg: Any) -> PrefAlignConfig:
-    """The validated `prefalign:` block of an Axolotl config (raw or validated)."""
-    raw = cfg.get("prefalign") if hasattr(cfg, "get") else None
-    return PrefAlignConfig.from_raw(raw)
 
 
 def _use_axolotl_logging() -> None:
@@ -56,7 +50,7 @@ def _resolve_default_model(cfg: dict) -> None:
     # shared YAML runs offline on any machine with the package installed.
     for key in ("base_model", "tokenizer_config"):
         if cfg.get(key) == DEFAULT_MODEL_ALIAS:
-            from .models import prepare_default_model
+            from ...core.models import prepare_default_model
 
             cfg[key] = str(prepare_default_model())
 
@@ -129,7 +123,7 @@ class PrefAlignPlugin(BasePlugin):
     """SPA, plaintext contrast SFT, RobustFT and a fused log-prob path for Axolotl."""
 
     def get_input_args(self) -> str:
-        return "axolotl_prefalign.args.PrefAlignArgs"
+        return "axolotl_prefalign.integrations.axolotl.args.PrefAlignArgs"
 
     def register(self, cfg: dict) -> None:
         # Runs on the raw YAML before Axolotl's schema drops unknown keys: validate

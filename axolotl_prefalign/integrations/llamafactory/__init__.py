@@ -1,0 +1,1 @@
+"""LLaMA-Factory: prepared data as LLaMA-Factory datasets (`export`)."""
