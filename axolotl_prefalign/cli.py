@@ -44,6 +44,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .core.models import DefaultModelError
     from .core.rows import BadRowError
     from .integrations.llamafactory.export import ExportError
+    from .integrations.llamafactory.launcher import LaunchError
     from .robustft.answers import LabelError
     from .robustft.pipeline import RobustFTError
     from .robustft.relabel import EncoderError
@@ -59,6 +60,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         EncoderError,
         LabelError,
         ExportError,
+        LaunchError,
     )
 
 
@@ -159,6 +161,20 @@ def export(target: str, config: Path, out_dir: Path) -> None:
         export_from_config(load_config(config), out_dir, target=target, echo=click.echo)
     except ExportError as err:
         raise click.ClickException(f"ExportError: {err}") from err
+
+
+@prefalign.group("llamafactory")
+def llamafactory() -> None:
+    """Run LLaMA-Factory with prefalign's DPO trainer and dataset converters."""
+
+
+@llamafactory.command("train")
+@config_arg
+def llamafactory_train(config: Path) -> None:
+    """Train a LLaMA-Factory YAML (plus a `prefalign:` block) with our trainer."""
+    from .integrations.llamafactory.launcher import train
+
+    train(config)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -200,3 +200,31 @@ def tiny_train_cfg(model_dir: Path, out_dir: Path, **extra) -> dict:
     }
     cfg.update(extra)
     return cfg
+
+
+def llamafactory_python() -> str:
+    """The Python of the LLaMA-Factory environment (tests/llamafactory_env.sh).
+
+    Without one the LLaMA-Factory tests skip, except where
+    PREFALIGN_REQUIRE_LLAMAFACTORY=1 (CI builds the environment): then they fail.
+    """
+    import subprocess
+
+    python = os.environ.get("PREFALIGN_LLAMAFACTORY_PYTHON", "/tmp/lf-venv/bin/python")
+    required = os.environ.get("PREFALIGN_REQUIRE_LLAMAFACTORY") == "1"
+    problem = None
+    if not Path(python).exists():
+        problem = f"no LLaMA-Factory environment at {python}"
+    else:
+        probe = subprocess.run(
+            [python, "-c", "import llamafactory.data, axolotl_prefalign"],
+            capture_output=True,
+            text=True,
+        )
+        if probe.returncode != 0:
+            problem = f"{python} cannot import llamafactory: {probe.stderr[-300:]}"
+    if problem:
+        if required:
+            pytest.fail(problem + " (PREFALIGN_REQUIRE_LLAMAFACTORY=1)")
+        pytest.skip(problem + " (bash tests/llamafactory_env.sh)")
+    return python

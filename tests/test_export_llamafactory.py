@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import llamafactory_python
 
 from axolotl_prefalign.contrast import (
     IGNORE_INDEX,
@@ -538,23 +539,6 @@ def test_sample_yamls_name_the_exported_datasets():
 # ---------------------------------------------------------------- LLaMA-Factory
 
 
-def _llamafactory_python() -> str:
-    python = os.environ.get("PREFALIGN_LLAMAFACTORY_PYTHON", "/tmp/lf-venv/bin/python")
-    if not Path(python).exists():
-        pytest.skip(
-            f"no LLaMA-Factory environment at {python} (bash tests/llamafactory_env.sh)"
-        )
-    probe = subprocess.run(
-        [python, "-c", "import llamafactory.data, llamafactory.hparams"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DISABLE_VERSION_CHECK": "1"},
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{python} cannot import llamafactory: {probe.stderr[-300:]}")
-    return python
-
-
 @pytest.mark.slow
 def test_llamafactory_loads_the_export_with_the_sample_yamls(
     tmp_path, smollm2_dir, smollm2_tokenizer
@@ -565,7 +549,7 @@ def test_llamafactory_loads_the_export_with_the_sample_yamls(
     from axolotl_prefalign.robustft.sft import render_example, user_turn
     from axolotl_prefalign.spa.pairs import completion_text, prompt_text
 
-    python = _llamafactory_python()
+    python = llamafactory_python()
     out = tmp_path / "lf"
     for config in (
         contrast_config(tmp_path, smollm2_dir),

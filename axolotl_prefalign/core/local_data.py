@@ -304,3 +304,16 @@ def write_jsonl(rows: list[Mapping[str, Any]], path: str | Path) -> Path:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     atomic_write_text(Path(path), text)
     return Path(path)
+
+
+def checked_copy(rows: list[Any], name: str) -> Path:
+    """The rows kept by a pre-check, as a jsonl file in the cache named by `name`
+    (a file name) and the rows' hash: training then reads exactly these rows."""
+    import hashlib
+
+    from .models import cache_dir
+
+    body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+    stem = name.split(".")[0] or "dataset"
+    return write_jsonl(rows, cache_dir() / "checked" / f"{stem}-{digest}.jsonl")

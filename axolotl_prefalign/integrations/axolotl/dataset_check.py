@@ -14,8 +14,6 @@ as kept reaches training.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -24,10 +22,10 @@ from typing import Any
 from ...core.config import PrefAlignConfig
 from ...core.local_data import (
     DataFileError,
+    checked_copy,
     is_local,
     looks_local,
     read_entry,
-    write_jsonl,
 )
 from ...core.rows import RowChecker
 
@@ -77,20 +75,6 @@ ROWS_CHECKS: dict[str, RowsCheck] = {
 }
 
 
-def checked_dir() -> Path:
-    """Where checked copies of inputs with skipped rows are written."""
-    from ...core.models import cache_dir
-
-    return cache_dir() / "checked"
-
-
-def _checked_copy(entry: MutableMapping[str, Any], rows: list[Any]) -> Path:
-    body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    digest = hashlib.sha256(body.encode()).hexdigest()[:16]
-    stem = Path(str(entry.get("path"))).name.split(".")[0] or "dataset"
-    return write_jsonl(rows, checked_dir() / f"{stem}-{digest}.jsonl")
-
-
 def precheck_entry(
     entry: MutableMapping[str, Any], pa: PrefAlignConfig
 ) -> tuple[int, int] | None:
@@ -110,7 +94,7 @@ def precheck_entry(
     if not kept:
         raise ValueError(f"{data.source}: no usable rows ({skipped} skipped)")
     if skipped:
-        copy = _checked_copy(entry, kept)
+        copy = checked_copy(kept, Path(str(entry.get("path"))).name)
         LOG.warning(
             "%s: %d row(s) kept, %d skipped (on_bad_row: skip); training reads the "
             "checked copy %s",
