@@ -166,6 +166,9 @@ def export(target: str, config: Path, out_dir: Path) -> None:
 @prefalign.group("llamafactory")
 def llamafactory() -> None:
     """Run LLaMA-Factory with prefalign's DPO trainer and dataset converters."""
+    from .integrations.llamafactory.launcher import log_to_stderr
+
+    log_to_stderr()
 
 
 @llamafactory.command("train")
@@ -175,6 +178,15 @@ def llamafactory_train(config: Path) -> None:
     from .integrations.llamafactory.launcher import train
 
     train(config)
+
+
+@llamafactory.command("spa")
+@config_arg
+def llamafactory_spa(config: Path) -> None:
+    """Run the SPA loop with LLaMA-Factory training each stage."""
+    from .integrations.llamafactory.spa_loop import run
+
+    run(config)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -30,6 +30,7 @@ from axolotl_prefalign.integrations.llamafactory.launcher import (
 )
 
 LF_EXAMPLES = REPO / "yaml_examples" / "llamafactory"
+PROMPTS = REPO / "axolotl_prefalign" / "data" / "spa_prompts_example.jsonl"
 PAIRS = [
     {"prompt": "What is the capital of France?", "chosen": "Paris", "rejected": "Rome"},
     {"prompt": "How many legs has a spider?", "chosen": "Eight", "rejected": "Six"},
@@ -359,3 +360,173 @@ def test_launcher_module_runs_as_a_script_with_usage(tmp_path):
     )
     assert proc.returncode != 0 and "usage:" in proc.stderr
     assert launcher.MODULE == MODULE
+
+
+# -- the SPA loop with LLaMA-Factory -----------------------------------------------
+
+
+def _lf_example(name: str, tmp_path: Path, model_dir: Path, **overrides) -> Path:
+    """A sample from yaml_examples/llamafactory/ on the tiny model, a few steps."""
+    c = yaml.safe_load((LF_EXAMPLES / name).read_text())
+    if c.get("template") == "smollm2":  # SmolLM2's; the tiny model's is plain
+        c.pop("default_system", None)
+        c["template"] = "default"
+    c.update(
+        model_name_or_path=str(model_dir),
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        learning_rate=0.05,
+        cutoff_len=128,
+        use_cpu=True,
+    )
+    if c.get("dataset_dir", "").startswith("yaml_examples"):
+        c["dataset_dir"] = str(REPO / c["dataset_dir"])
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(c.get(key), dict):
+            c[key] = {**c[key], **value}
+        else:
+            c[key] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(c))
+    return path
+
+
+def test_spa_stage_configs_are_llamafactory_dpo_runs_of_our_trainer(tmp_path):
+    from axolotl_prefalign.integrations.llamafactory.spa_loop import (
+        LlamaFactoryTrainings,
+    )
+    from axolotl_prefalign.spa.loop import iter_dir
+
+    args = yaml.safe_load((LF_EXAMPLES / "spa_loop.yaml").read_text())
+    block = args.pop("prefalign")
+    pa = PrefAlignConfig.from_raw(block)
+    t = LlamaFactoryTrainings(args, block, pa.spa, tmp_path / "c.yaml", "base", True)
+    out = tmp_path / "out"
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text(json.dumps(PAIRS[0]) + "\n")
+    seed_cfg, _ = t.write_train_config(0, "base", iter_dir(out, 0), None)
+    seed = yaml.safe_load(seed_cfg.read_text())
+    assert seed["prefalign"]["loss"] == "sigmoid"
+    assert seed["num_train_epochs"] == 3.0 and seed["dataset"] == "prefalign_spa_seed"
+    it_cfg, _ = t.write_train_config(1, "prev/merged", iter_dir(out, 1), [str(shard)])
+    it = yaml.safe_load(it_cfg.read_text())
+    assert it["model_name_or_path"] == "prev/merged" and it["stage"] == "dpo"
+    assert it["prefalign"]["loss"] == "spa"
+    assert it["prefalign"]["spa"]["iteration"] == 1
+    # The loop's own settings stay out of the trainer's block.
+    assert "prompts" not in it["prefalign"]["spa"]
+    info = json.loads((Path(it["dataset_dir"]) / "dataset_info.json").read_text())
+    assert info == {
+        "prefalign_spa_iter1": {
+            "file_name": "pairs.jsonl",
+            "formatting": "prefalign_pairs",
+            "ranking": True,
+        }
+    }
+    assert t.train_command(it_cfg)[1:] == ["-m", launcher.MODULE, str(it_cfg)]
+    merge = t.merge_command(it_cfg)
+    assert merge[-2] == "export"
+    spec = yaml.safe_load(Path(merge[-1]).read_text())
+    assert spec["adapter_name_or_path"] == str(iter_dir(out, 1))
+    assert spec["export_dir"] == str(iter_dir(out, 1) / "merged")
+
+
+def test_spa_loop_needs_a_dpo_config_with_spa(tmp_path):
+    from axolotl_prefalign.integrations.llamafactory.spa_loop import run
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"stage": "sft", "prefalign": {"loss": "spa"}}))
+    with pytest.raises(PrefAlignConfigError, match="trains with stage: dpo"):
+        run(path)
+
+
+@pytest.mark.slow
+def test_spa_loop_through_llamafactory_end_to_end_and_resumes(tmp_path, tiny_model_dir):
+    """The sample SPA loop on the tiny model: seed DPO, merge, expansion with our
+    judge, an SPA iteration through our LLaMA-Factory trainer, merge; a rerun
+    skips every finished stage."""
+    python = llamafactory_python()
+    config = _lf_example(
+        "spa_loop.yaml",
+        tmp_path,
+        tiny_model_dir,
+        prefalign={
+            "loss": "spa",
+            "spa": {
+                "iterations": 1,
+                "prompts_per_iteration": [4],
+                "max_new_tokens": 8,
+                "prompts": [
+                    {
+                        "path": str(
+                            REPO / "axolotl_prefalign/data/spa_prompts_example.jsonl"
+                        )
+                    }
+                ],
+            },
+        },
+    )
+    cli = Path(python).parent / "prefalign"
+    proc = run_lf(str(cli), "llamafactory", "spa", config, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "spa_summary.json").read_text())
+    assert summary["final_model"] == str(out / "iter_1" / "merged")
+    assert (out / "iter_1" / "merged" / "model.safetensors").exists()
+    it1 = summary["iterations"][1]
+    assert it1["expansion"]["pairs"] + it1["expansion"]["ties_dropped"] == 4
+    assert it1["training"]["logged_steps"] == 2
+    assert "mean_spa/noisy_fraction" in it1["training"]
+    assert (
+        "trainer PrefAlignLFTrainer, loss spa"
+        in (out / "iter_1" / "train.log").read_text()
+    )
+    assert "loss sigmoid" in (out / "iter_0" / "train.log").read_text()
+    again = run_lf(str(cli), "llamafactory", "spa", config, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    for stage in ("iter_0/train", "iter_0/merge", "iter_1/expand", "iter_1/train"):
+        assert f"SPA: {stage} already done, skipped" in log
+
+
+@pytest.mark.slow
+def test_dpo_sample_trains_with_our_trainer(tmp_path, tiny_model_dir):
+    python = llamafactory_python()
+    config = _lf_example("dpo_prefalign.yaml", tmp_path, tiny_model_dir)
+    cli = Path(python).parent / "prefalign"
+    proc = run_lf(str(cli), "llamafactory", "train", config, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "trainer PrefAlignLFTrainer, loss robust" in proc.stdout
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert len([h for h in state["log_history"] if "loss" in h]) == 2
+
+
+@pytest.mark.slow
+def test_export_samples_train_through_the_launcher(tmp_path, tiny_model_dir):
+    """contrast_sft / spa_dpo / robustft_sft on what `axolotl prefalign export`
+    wrote: each trains two steps in LLaMA-Factory (SFT passes through, DPO is ours)."""
+    from test_export_llamafactory import contrast_config, robustft_config, spa_config
+
+    from axolotl_prefalign.cli import load_config
+    from axolotl_prefalign.integrations.llamafactory.export import export_from_config
+
+    python = llamafactory_python()
+    exported = tmp_path / "lf"
+    for make in (contrast_config, spa_config, robustft_config):
+        export_from_config(
+            load_config(make(tmp_path, tiny_model_dir)), exported, echo=lambda s: None
+        )
+    cli = Path(python).parent / "prefalign"
+    for name, stage in (
+        ("contrast_sft.yaml", "sft"),
+        ("spa_dpo.yaml", "dpo"),
+        ("robustft_sft.yaml", "sft"),
+    ):
+        d = tmp_path / name.split(".")[0]
+        d.mkdir()
+        config = _lf_example(name, d, tiny_model_dir, dataset_dir=str(exported))
+        proc = run_lf(str(cli), "llamafactory", "train", config, cwd=d)
+        assert proc.returncode == 0, name + proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert f"stage {stage}" in proc.stdout
+        state = json.loads((d / "out" / "trainer_state.json").read_text())
+        assert len([h for h in state["log_history"] if "loss" in h]) == 2, name

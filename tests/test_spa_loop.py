@@ -537,8 +537,8 @@ def _loop_config(tmp_path, tiny_model_dir, **spa):
 def test_expand_from_config_judges_with_the_loop_layout(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    from axolotl_prefalign.integrations.axolotl import spa_loop as loop_mod
     from axolotl_prefalign.integrations.axolotl.spa_loop import expand_from_config
+    from axolotl_prefalign.spa import loop as loop_mod
 
     cfg, out = _loop_config(tmp_path, tiny_model_dir)
     summary = expand_from_config(cfg, 1)

@@ -23,6 +23,7 @@ it (all active = π_{i−1}, all disabled = π_init), so one model serves both.
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import json
 import logging
@@ -34,11 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..core.config import SpaConfig, SpaPromptSource
 from ..core.rows import RowChecker, text_problem
-from ..core.shards import atomic_write_json
+from ..core.shards import atomic_write_json, main_process_only
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -316,6 +317,103 @@ def load_policy(spec: PolicySpec, cfg: Any) -> tuple[Any, Any]:
     return model, init
 
 
+def expand_iteration(
+    cfg: Any,
+    iteration: int,
+    load_tokenizer: Callable[[], Any],
+    model_path: str | None = None,
+    out_dir: str | None = None,
+) -> dict[str, Any]:
+    """The pairs of iteration I from π_{I−1} (the loop's layout, or `model_path`),
+    written to `out_dir` (default `iter_<I>`); returns the expansion summary. `cfg`
+    holds the keys an Axolotl YAML names them by (base_model, output_dir, adapter,
+    bf16, load_in_4bit, prefalign)."""
+    from ..core.config import prefalign_config
+    from .expand import (
+        VllmGenerator,
+        choose_backend,
+        expand,
+        expansion_meta,
+        finished_summary,
+        generate_responses,
+        prepare_prompts,
+    )
+
+    pa = prefalign_config(cfg)
+    spa = pa.spa
+    if not main_process_only("SPA expansion"):
+        return {}
+    if not 1 <= iteration <= spa.iterations:
+        raise SpaLoopError(
+            f"--iteration must be in 1..{spa.iterations} (prefalign.spa.iterations)"
+        )
+    parts = iteration_prompts(spa, pa.on_bad_row)
+    prompts = parts[iteration - 1]
+    source = spa.prompts[min(iteration, len(spa.prompts)) - 1].path
+    out = Path(out_dir) if out_dir else iter_dir(cfg.get("output_dir"), iteration)
+    spec = policy_spec(cfg, iteration, model_path)
+    tokenizer = load_tokenizer()
+    backend = choose_backend(spa)
+    auto = spa.generation_backend == "auto"
+    if backend == "vllm" and spec.vllm_path is None and auto:
+        # vLLM loads one model folder; π_{i−1} as stacked adapters is HF-only. Decided
+        # before expansion_meta, which records the backend that generated the pairs.
+        LOG.info(
+            "SPA iteration %d: π_%d is not one model folder; generating with HF",
+            iteration,
+            iteration - 1,
+        )
+        backend = "hf"
+    kept, _ = prepare_prompts(
+        prompts,
+        tokenizer,
+        max_prompt_tokens=spa.max_prompt_tokens,
+        on_bad_row=pa.on_bad_row,
+        source=source,
+    )
+    gen_meta, meta = expansion_meta(
+        spa,
+        iteration,
+        kept,
+        model_id=spec.model_id,
+        init_model_id=spec.init_id,
+        backend=backend,
+    )
+    done = finished_summary(out, meta)
+    if done is not None:
+        LOG.info("SPA iteration %d: expansion already complete in %s", iteration, out)
+        return done
+    if backend == "vllm":
+        if spec.vllm_path is None:
+            raise SpaLoopError(
+                f"vLLM needs π_{iteration - 1} as one model folder (e.g. "
+                f"iter_{iteration - 1}/merged); set generation_backend: hf"
+            )
+        generator = VllmGenerator(spec.vllm_path, tokenizer, spa)
+        try:
+            generate_responses(
+                kept, generator, tokenizer, spa, out, iteration, gen_meta
+            )
+        finally:
+            generator.close()
+    model, init = load_policy(spec, cfg)
+    return expand(
+        prompts,
+        model,
+        tokenizer,
+        init,
+        spa,
+        out,
+        iteration,
+        chunk_size=pa.chunk_size,
+        on_bad_row=pa.on_bad_row,
+        source=source,
+        model_id=spec.model_id,
+        init_model_id=spec.init_id,
+        backend=backend,
+    )
+
+
 # -- stages ----------------------------------------------------------------------
 
 
@@ -416,6 +514,22 @@ class StageRunner:
         self.ran.append(name)
 
 
+def stage_prefalign(block: dict[str, Any] | None, iteration: int) -> dict[str, Any]:
+    """The `prefalign:` block of one stage's training config: the loss-side spa
+    settings only (a change in the loop's own — prompts, sampling — must not stale
+    finished trainings), the iteration, and the loss: plain DPO for the seed
+    (iteration 0), SPA's after."""
+    pf = copy.deepcopy(block or {})
+    spa_block = {k: v for k, v in (pf.get("spa") or {}).items() if k not in LOOP_ONLY}
+    pf["spa"] = {**spa_block, "iteration": iteration}
+    if iteration == 0:
+        pf["loss"] = "sigmoid"
+        pf.pop("label_smoothing", None)
+    else:
+        pf["loss"] = pf.get("loss") or "spa"
+    return pf
+
+
 def expansion_done(d: Path) -> bool:
     """True when `d` holds a complete expansion."""
     manifest = d / "pairs" / "manifest.json"
@@ -499,3 +613,95 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(t.get('mean_rewards/accuracies'), '.3f'):>6}"
         )
     return "\n".join(lines)
+
+
+class Trainings(Protocol):
+    """What the loop needs from a training framework (Axolotl, LLaMA-Factory)."""
+
+    adapter: bool  # LoRA/QLoRA: each stage also merges, π_i = iter_i/merged
+    base: str  # π_init, the original base model
+
+    def expand_command(self, iteration: int, out: Path) -> list[str]:
+        """The command that writes iteration `iteration`'s expansion into `out`."""
+
+    def write_train_config(
+        self, iteration: int, base_model: str, out: Path, pairs: list[str] | None
+    ) -> tuple[Path, str]:
+        """Write one stage's training config under `out`: (its path, its text)."""
+
+    def train_command(self, config: Path) -> list[str]:
+        """The command that trains one stage from its config."""
+
+    def merge_command(self, config: Path) -> list[str]:
+        """The command that merges a LoRA stage into `out/merged`."""
+
+
+def run_stages(
+    spa: SpaConfig, out: Path, trainings: Trainings, runner: Runner | None = None
+) -> dict[str, Any]:
+    """Seed DPO, then expand → train per iteration, each stage through `trainings`;
+    resumable at stage granularity. Returns the summary (also `spa_summary.json`)."""
+    settings = spa.model_dump(include=EXPAND_SETTINGS)
+    spa_sha = short_sha(json.dumps(settings, sort_keys=True))
+    loop = StageRunner(SpaState(out / STATE_FILE), runner or run_command)
+    adapter = trainings.adapter
+    rows: list[dict[str, Any]] = []
+
+    for i in range(spa.iterations + 1):
+        d = iter_dir(out, i)
+        d.mkdir(parents=True, exist_ok=True)
+        expansion, pairs = None, None
+        if i > 0:
+            loop.stage(
+                f"iter_{i}/expand",
+                spa_sha + f"-{i}",
+                trainings.expand_command(i, d),
+                d / "expand.log",
+                lambda d=d: expansion_done(d),
+                [d / "generations", d / "pairs", d / "dropped", d / "summary.json"],
+            )
+            expansion = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+            if not expansion["pairs"]:
+                raise SpaLoopError(
+                    f"iteration {i} produced no pairs ({expansion['prompts']} prompts, "
+                    f"{expansion['ties_dropped']} ties, {expansion['dropped_empty']} "
+                    "empty); use more prompts or a larger max_new_tokens"
+                )
+            pairs = pair_files(d)
+        prev = iter_dir(out, i - 1)
+        base_i = trainings.base if i == 0 else str(prev / "merged" if adapter else prev)
+        config, text = trainings.write_train_config(i, base_i, d, pairs)
+        loop.stage(
+            f"iter_{i}/train",
+            short_sha(text),
+            trainings.train_command(config),
+            d / "train.log",
+            lambda d=d: has_weights(d),
+            [*d.glob("checkpoint-*"), *(d / n for n in WEIGHT_FILES), d / "prepared"],
+        )
+        if adapter:
+            loop.stage(
+                f"iter_{i}/merge",
+                short_sha(text),
+                trainings.merge_command(config),
+                d / "merge.log",
+                lambda d=d: has_weights(d / "merged"),
+                [d / "merged"],
+            )
+        metrics = {
+            "iteration": i,
+            "stage": "seed DPO" if i == 0 else "SPA",
+            "base_model": base_i,
+            "expansion": expansion,
+            "training": training_stats(d),
+        }
+        atomic_write_json(d / "metrics.json", metrics)
+        rows.append(metrics)
+
+    last = iter_dir(out, spa.iterations)
+    final = last / "merged" if adapter else last
+    summary = {"final_model": str(final), "iterations": rows}
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    LOG.info("SPA finished; final model: %s", final)
+    print(summary_table(rows), flush=True)
+    return summary

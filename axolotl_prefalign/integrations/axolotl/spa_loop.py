@@ -8,38 +8,23 @@ spa-expand`), and the layout, resumable state and statistics come from `spa.loop
 from __future__ import annotations
 
 import copy
-import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...core.config import SpaConfig, prefalign_config
-from ...core.shards import atomic_write_json, atomic_write_text, main_process_only
+from ...core.shards import atomic_write_text, main_process_only
 from ...spa.loop import (
-    EXPAND_SETTINGS,
-    LOG,
-    LOOP_ONLY,
-    STATE_FILE,
-    SUMMARY_FILE,
-    WEIGHT_FILES,
     Runner,
     SpaLoopError,
-    SpaState,
-    StageRunner,
     absolute,
-    expansion_done,
-    has_weights,
+    expand_iteration,
     is_adapter_run,
-    iter_dir,
     iteration_prompts,
-    load_policy,
     original_base,
-    pair_files,
-    policy_spec,
-    run_command,
-    short_sha,
-    summary_table,
-    training_stats,
+    run_stages,
+    stage_prefalign,
 )
 
 PLUGIN = "axolotl_prefalign.PrefAlignPlugin"
@@ -54,91 +39,13 @@ def expand_from_config(
 ) -> dict[str, Any]:
     """`axolotl prefalign spa-expand CONFIG -i I`: the pairs of iteration I from
     π_{I−1}; returns the expansion summary."""
-    from axolotl.loaders import load_tokenizer
 
-    from ...spa.expand import (
-        VllmGenerator,
-        choose_backend,
-        expand,
-        expansion_meta,
-        finished_summary,
-        generate_responses,
-        prepare_prompts,
-    )
+    def tokenizer() -> Any:
+        from axolotl.loaders import load_tokenizer
 
-    pa = prefalign_config(cfg)
-    spa = pa.spa
-    if not main_process_only("SPA expansion"):
-        return {}
-    if not 1 <= iteration <= spa.iterations:
-        raise SpaLoopError(
-            f"--iteration must be in 1..{spa.iterations} (prefalign.spa.iterations)"
-        )
-    parts = iteration_prompts(spa, pa.on_bad_row)
-    prompts = parts[iteration - 1]
-    source = spa.prompts[min(iteration, len(spa.prompts)) - 1].path
-    out = Path(out_dir) if out_dir else iter_dir(cfg.get("output_dir"), iteration)
-    spec = policy_spec(cfg, iteration, model_path)
-    tokenizer = load_tokenizer(cfg)
-    backend = choose_backend(spa)
-    auto = spa.generation_backend == "auto"
-    if backend == "vllm" and spec.vllm_path is None and auto:
-        # vLLM loads one model folder; π_{i−1} as stacked adapters is HF-only. Decided
-        # before expansion_meta, which records the backend that generated the pairs.
-        LOG.info(
-            "SPA iteration %d: π_%d is not one model folder; generating with HF",
-            iteration,
-            iteration - 1,
-        )
-        backend = "hf"
-    kept, _ = prepare_prompts(
-        prompts,
-        tokenizer,
-        max_prompt_tokens=spa.max_prompt_tokens,
-        on_bad_row=pa.on_bad_row,
-        source=source,
-    )
-    gen_meta, meta = expansion_meta(
-        spa,
-        iteration,
-        kept,
-        model_id=spec.model_id,
-        init_model_id=spec.init_id,
-        backend=backend,
-    )
-    done = finished_summary(out, meta)
-    if done is not None:
-        LOG.info("SPA iteration %d: expansion already complete in %s", iteration, out)
-        return done
-    if backend == "vllm":
-        if spec.vllm_path is None:
-            raise SpaLoopError(
-                f"vLLM needs π_{iteration - 1} as one model folder (e.g. "
-                f"iter_{iteration - 1}/merged); set generation_backend: hf"
-            )
-        generator = VllmGenerator(spec.vllm_path, tokenizer, spa)
-        try:
-            generate_responses(
-                kept, generator, tokenizer, spa, out, iteration, gen_meta
-            )
-        finally:
-            generator.close()
-    model, init = load_policy(spec, cfg)
-    return expand(
-        prompts,
-        model,
-        tokenizer,
-        init,
-        spa,
-        out,
-        iteration,
-        chunk_size=pa.chunk_size,
-        on_bad_row=pa.on_bad_row,
-        source=source,
-        model_id=spec.model_id,
-        init_model_id=spec.init_id,
-        backend=backend,
-    )
+        return load_tokenizer(cfg)
+
+    return expand_iteration(cfg, iteration, tokenizer, model_path, out_dir)
 
 
 def _axolotl(*args: str) -> list[str]:
@@ -187,17 +94,9 @@ def stage_config(
     c["rl"] = "dpo"
     c["output_dir"] = str(out)
     c["dataset_prepared_path"] = str(out / "prepared")
-    pf = copy.deepcopy(raw.get("prefalign") or {})
-    # The trainer reads only the loss-side spa settings; leaving out the loop's
-    # own (prompts, sampling, ...) keeps a change there from staling finished
-    # training stages.
-    spa_block = {k: v for k, v in (pf.get("spa") or {}).items() if k not in LOOP_ONLY}
-    pf["spa"] = {**spa_block, "iteration": iteration}
     if iteration == 0:
-        # Seed DPO is plain DPO (sigmoid) on the labelled seed, for seed_epochs.
+        # Seed DPO is plain DPO on the labelled seed, for seed_epochs.
         c["num_epochs"] = spa.seed_epochs
-        pf["loss"] = "sigmoid"
-        pf.pop("label_smoothing", None)
     else:
         c["num_epochs"] = 1
         c["datasets"] = [
@@ -209,8 +108,7 @@ def stage_config(
                 "type": PAIRS_TYPE,
             }
         ]
-        pf["loss"] = pf.get("loss") or "spa"
-    c["prefalign"] = pf
+    c["prefalign"] = stage_prefalign(raw.get("prefalign"), iteration)
     if c.get("rl_beta") is None and not (c.get("trl") or {}).get("beta"):
         c["rl_beta"] = spa.beta
     return c
@@ -238,72 +136,44 @@ def run_from_config(
     base = original_base(cfg)
     tok = cfg.get("tokenizer_config")
     tokenizer = base if tok in (None, raw.get("base_model")) else absolute(tok)
-    adapter = is_adapter_run(cfg)
-    spa_sha = short_sha(
-        json.dumps(spa.model_dump(include=EXPAND_SETTINGS), sort_keys=True)
+    trainings = AxolotlTrainings(
+        raw, spa, config_path, base, tokenizer, is_adapter_run(cfg)
     )
-    loop = StageRunner(SpaState(out / STATE_FILE), runner or run_command)
-    rows: list[dict[str, Any]] = []
+    return run_stages(spa, out, trainings, runner)
 
-    for i in range(spa.iterations + 1):
-        d = iter_dir(out, i)
-        d.mkdir(parents=True, exist_ok=True)
-        expansion, pairs = None, None
-        if i > 0:
-            loop.stage(
-                f"iter_{i}/expand",
-                spa_sha + f"-{i}",
-                expand_command(config_path, i, d),
-                d / "expand.log",
-                lambda d=d: expansion_done(d),
-                [d / "generations", d / "pairs", d / "dropped", d / "summary.json"],
-            )
-            expansion = json.loads((d / "summary.json").read_text(encoding="utf-8"))
-            if not expansion["pairs"]:
-                raise SpaLoopError(
-                    f"iteration {i} produced no pairs ({expansion['prompts']} prompts, "
-                    f"{expansion['ties_dropped']} ties, {expansion['dropped_empty']} "
-                    "empty); use more prompts or a larger max_new_tokens"
-                )
-            pairs = pair_files(d)
-        prev = iter_dir(out, i - 1)
-        base_i = base if i == 0 else str(prev / "merged" if adapter else prev)
+
+@dataclass
+class AxolotlTrainings:
+    """The SPA loop's stages as Axolotl commands (`spa.loop.Trainings`)."""
+
+    raw: dict[str, Any]
+    spa: SpaConfig
+    config_path: Path
+    base: str
+    tokenizer: str
+    adapter: bool
+
+    def expand_command(self, iteration: int, out: Path) -> list[str]:
+        return expand_command(self.config_path, iteration, out)
+
+    def write_train_config(self, iteration, base_model, out, pairs):
+        import yaml
+
         conf = stage_config(
-            raw, spa, i, base_model=base_i, tokenizer=tokenizer, out=d, pairs=pairs
+            self.raw,
+            self.spa,
+            iteration,
+            base_model=base_model,
+            tokenizer=self.tokenizer,
+            out=out,
+            pairs=pairs,
         )
         text = yaml.safe_dump(conf, sort_keys=False, allow_unicode=True)
-        atomic_write_text(d / "config.yml", text)
-        loop.stage(
-            f"iter_{i}/train",
-            short_sha(text),
-            train_command(d / "config.yml", spa.launcher),
-            d / "train.log",
-            lambda d=d: has_weights(d),
-            [*d.glob("checkpoint-*"), *(d / n for n in WEIGHT_FILES), d / "prepared"],
-        )
-        if adapter:
-            loop.stage(
-                f"iter_{i}/merge",
-                short_sha(text),
-                merge_command(d / "config.yml"),
-                d / "merge.log",
-                lambda d=d: has_weights(d / "merged"),
-                [d / "merged"],
-            )
-        metrics = {
-            "iteration": i,
-            "stage": "seed DPO" if i == 0 else "SPA",
-            "base_model": base_i,
-            "expansion": expansion,
-            "training": training_stats(d),
-        }
-        atomic_write_json(d / "metrics.json", metrics)
-        rows.append(metrics)
+        atomic_write_text(out / "config.yml", text)
+        return out / "config.yml", text
 
-    last = iter_dir(out, spa.iterations)
-    final = last / "merged" if adapter else last
-    summary = {"final_model": str(final), "iterations": rows}
-    atomic_write_json(out / SUMMARY_FILE, summary)
-    LOG.info("SPA finished; final model: %s", final)
-    print(summary_table(rows), flush=True)
-    return summary
+    def train_command(self, config: Path) -> list[str]:
+        return train_command(config, self.spa.launcher)
+
+    def merge_command(self, config: Path) -> list[str]:
+        return merge_command(config)

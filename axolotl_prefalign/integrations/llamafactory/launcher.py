@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.config import PrefAlignConfig, PrefAlignConfigError
+from ...core.models import DEFAULT_MODEL_ALIAS
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -54,6 +55,17 @@ PAIRS_FORMATTING = "prefalign_pairs"
 
 class LaunchError(RuntimeError):
     """The launcher cannot run this config (or our trainer did not train)."""
+
+
+def log_to_stderr() -> None:
+    """Our progress messages on stderr (no Axolotl here to configure logging)."""
+    ours = logging.getLogger("axolotl_prefalign")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(levelname)s|prefalign] %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
 
 
 def read_config(path: str | Path) -> tuple[dict[str, Any], PrefAlignConfig]:
@@ -270,6 +282,11 @@ def train(config: str | Path) -> None:
 
     args, pa = read_config(config)
     version = check_version()
+    if args.get("model_name_or_path") == DEFAULT_MODEL_ALIAS:
+        # The embedded SmolLM2-135M-Instruct, as with the Axolotl plugin.
+        from ...core.models import prepare_default_model
+
+        args["model_name_or_path"] = str(prepare_default_model())
     pa = resolve(args, pa)
     nproc = processes()
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -296,6 +313,7 @@ def main() -> None:
     """`python -m axolotl_prefalign.integrations.llamafactory.launcher CONFIG`."""
     if len(sys.argv) != 2:
         raise SystemExit(f"usage: python -m {MODULE} CONFIG.yaml")
+    log_to_stderr()
     train(sys.argv[1])
 
 
