@@ -36,7 +36,7 @@ from ...spa.loop import (
     stage_prefalign,
 )
 from .launcher import MODULE as LAUNCHER
-from .launcher import PAIRS_FORMATTING, read_config
+from .launcher import PAIRS_FORMATTING, log_to_stderr, read_config
 
 MODULE = "axolotl_prefalign.integrations.llamafactory.spa_loop"
 
