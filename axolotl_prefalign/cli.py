@@ -189,5 +189,14 @@ def llamafactory_spa(config: Path) -> None:
     run(config)
 
 
+@llamafactory.command("denoise")
+@config_arg
+def llamafactory_denoise(config: Path) -> None:
+    """RobustFT on the YAML's LLaMA-Factory datasets; writes <name>_robustft."""
+    from .integrations.llamafactory.robustft import denoise
+
+    denoise(config, echo=click.echo)
+
+
 def main() -> None:  # pragma: no cover - console entry
     prefalign(prog_name=Path(sys.argv[0]).name)

@@ -188,6 +188,16 @@ def _errors(torch, value, ref) -> dict:
     }
 
 
+def _peak_gib(torch, cuda: bool) -> float:
+    """CUDA: max allocated since the last reset. CPU (dry run): the process's max
+    resident set so far, a stand-in that is positive but not per step."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / GIB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
 def _is_oom(torch, exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
 
@@ -198,12 +208,14 @@ def _logprob_problem(torch, shape: dict, device: str):
     std ~2, labels: a quarter ignored (the prompt), half of the rest the argmax token
     (confident, p_y near 1), the others random; a random upstream gradient."""
     n, h, v = shape["tokens"], shape["hidden"], shape["vocab"]
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, h, generator=gen).to(device, torch.bfloat16)
-    weight = (torch.randn(v, h, generator=gen) * (2.0 / h**0.5)).to(
-        device, torch.bfloat16
-    )
-    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, device=device)
+
+    hidden = randn(n, h).to(torch.bfloat16)
+    weight = (randn(v, h) * (2.0 / h**0.5)).to(torch.bfloat16)
+    labels = torch.randint(0, v, (n,), generator=gen, device=device)
     with torch.no_grad():
         wf = weight.float()
         top = torch.cat(
@@ -213,12 +225,15 @@ def _logprob_problem(torch, shape: dict, device: str):
     confident = slice(n // 4, n // 4 + (n - n // 4) // 2)
     labels[confident] = top[confident]
     labels[: n // 4] = -100
-    upstream = torch.randn(n, generator=gen).to(device)
+    upstream = randn(n)
     return hidden, weight, labels, upstream
 
 
-def _run_logprobs(torch, fn, hidden, weight, labels, upstream, *, head_grad, dtype):
-    """fn(hidden, weight, labels) -> per-token log-probs; its value and gradients."""
+def _run_logprobs(torch, fn, problem, *, head_grad: bool, dtype=None):
+    """fn(hidden, weight, labels) -> per-token log-probs; its value and gradients
+    (w.r.t. the head too when `head_grad`) for the problem's upstream gradient."""
+    hidden, weight, labels, upstream = problem
+    dtype = dtype or hidden.dtype
     x = hidden.to(dtype).clone().requires_grad_(True)
     w = weight.to(dtype).clone().requires_grad_(head_grad)
     out = fn(x, w, labels)
@@ -230,12 +245,10 @@ def _run_logprobs(torch, fn, hidden, weight, labels, upstream, *, head_grad, dty
     )
 
 
-def _time_logprobs(torch, fn, hidden, weight, labels, upstream, cuda, reps=3) -> dict:
-    """fwd+bwd time (grad w.r.t. hidden only: the head is frozen under LoRA) and the
-    memory it takes above what was allocated before."""
-    _run_logprobs(
-        torch, fn, hidden, weight, labels, upstream, head_grad=False, dtype=hidden.dtype
-    )  # warm-up (and Triton/cuBLAS autotuning)
+def _time_logprobs(torch, fn, problem, cuda: bool, reps: int = 3) -> dict:
+    """fwd+bwd time (gradient w.r.t. hidden only: the head is frozen under LoRA)
+    and, on CUDA, the memory it takes above what was allocated before."""
+    _run_logprobs(torch, fn, problem, head_grad=False)  # warm-up, autotuning
     times = []
     peak = None
     for _ in range(reps):
@@ -246,16 +259,7 @@ def _time_logprobs(torch, fn, hidden, weight, labels, upstream, cuda, reps=3) ->
             base = torch.cuda.memory_allocated()
         _sync(torch, cuda)
         t0 = time.perf_counter()
-        _run_logprobs(
-            torch,
-            fn,
-            hidden,
-            weight,
-            labels,
-            upstream,
-            head_grad=False,
-            dtype=hidden.dtype,
-        )
+        _run_logprobs(torch, fn, problem, head_grad=False)
         _sync(torch, cuda)
         times.append(time.perf_counter() - t0)
         if cuda:
@@ -263,41 +267,39 @@ def _time_logprobs(torch, fn, hidden, weight, labels, upstream, cuda, reps=3) ->
     return {"ms": 1000 * statistics.median(times), "extra_peak_gib": peak}
 
 
-def compare_logprobs(torch, name: str, fn, spec: dict) -> dict:
-    """`fn` against the plain path and against fp32, as part 1 defines it."""
+def fused_fn(chunk_size: int):
+    from axolotl_prefalign.core.logprobs import token_logprobs
+
+    def fused(hidden, weight, labels):
+        return token_logprobs(hidden, weight, labels, chunk_size=chunk_size)
+
+    return fused
+
+
+def compare_logprobs(torch, name: str, fn, spec: dict, against=None) -> dict:
+    """`fn` against the plain path and against fp32 from the same bf16 inputs (as
+    part 1 defines it); with `against` (ours, for part 4) against that too."""
     from axolotl_prefalign.core.logprobs import plain_token_logprobs
 
     cuda = spec["device"] == "cuda"
-    shape = spec["logprob_shape"]
-    hidden, weight, labels, upstream = _logprob_problem(torch, shape, spec["device"])
-    mask = labels != -100
-    bf16 = torch.bfloat16
-    got = _run_logprobs(
-        torch, fn, hidden, weight, labels, upstream, head_grad=True, dtype=bf16
-    )
-    plain = _run_logprobs(
-        torch,
-        plain_token_logprobs,
-        hidden,
-        weight,
-        labels,
-        upstream,
-        head_grad=True,
-        dtype=bf16,
-    )
-    fp32 = _run_logprobs(
-        torch,
-        plain_token_logprobs,
-        hidden,
-        weight,
-        labels,
-        upstream,
-        head_grad=True,
-        dtype=torch.float32,
-    )
+    problem = _logprob_problem(torch, spec["logprob_shape"], spec["device"])
+    mask = problem[2] != -100
+    refs = {
+        "plain": _run_logprobs(torch, plain_token_logprobs, problem, head_grad=True),
+        "fp32": _run_logprobs(
+            torch,
+            plain_token_logprobs,
+            problem,
+            head_grad=True,
+            dtype=torch.float32,
+        ),
+    }
+    if against is not None:
+        refs["fused"] = _run_logprobs(torch, against, problem, head_grad=True)
+    got = _run_logprobs(torch, fn, problem, head_grad=True)
     errors = {}
     for i, what in enumerate(("logps", "grad_hidden", "grad_weight")):
-        a, p, r = got[i], plain[i], fp32[i]
+        a, p, r = got[i], refs["plain"][i], refs["fp32"][i]
         if what == "logps":
             a, p, r = a[mask], p[mask], r[mask]
         errors[what] = {
@@ -305,7 +307,10 @@ def compare_logprobs(torch, name: str, fn, spec: dict) -> dict:
             "vs_fp32": _errors(torch, a, r),
             "plain_vs_fp32": _errors(torch, p, r),
         }
-    del got, plain, fp32
+        if against is not None:
+            f = refs["fused"][i]
+            errors[what]["vs_fused"] = _errors(torch, a, f[mask] if i == 0 else f)
+    del got, refs
     tol = TOLERANCE
 
     def no_worse(e: dict, key: str) -> bool:
@@ -323,16 +328,15 @@ def compare_logprobs(torch, name: str, fn, spec: dict) -> dict:
             errors[what]["vs_plain"]["rel_norm"] <= tol["grad_rel_norm_vs_plain"]
         )
     timing = {
-        name: _time_logprobs(torch, fn, hidden, weight, labels, upstream, cuda),
-        "plain": _time_logprobs(
-            torch, plain_token_logprobs, hidden, weight, labels, upstream, cuda
-        ),
+        "impl": _time_logprobs(torch, fn, problem, cuda),
+        "plain": _time_logprobs(torch, plain_token_logprobs, problem, cuda),
     }
+    if against is not None:
+        timing["fused"] = _time_logprobs(torch, against, problem, cuda)
     return {
         "impl": name,
-        "shape": {**shape, "labelled": int(mask.sum())},
+        "shape": {**spec["logprob_shape"], "labelled": int(mask.sum())},
         "dtype": "bfloat16",
-        "tolerance": {k: v for k, v in tol.items() if k != "dtype"},
         "errors": errors,
         "checks": checks,
         "passed": all(checks.values()),
@@ -344,57 +348,51 @@ def worker_fused(spec: dict) -> None:
     import torch
 
     from axolotl_prefalign.core.config import PrefAlignConfig
-    from axolotl_prefalign.core.logprobs import token_logprobs
 
     chunk = PrefAlignConfig().chunk_size
-
-    def fused(h, w, y):
-        return token_logprobs(h, w, y, chunk_size=chunk)
-
-    result = compare_logprobs(torch, "fused", fused, spec)
-    result["chunk_size"] = chunk
-    emit("fused_vs_plain", {"status": "ok", **result})
+    result = compare_logprobs(torch, "fused", fused_fn(chunk), spec)
+    emit("fused_vs_plain", {"status": "ok", "chunk_size": chunk, **result})
 
 
 def worker_cce(spec: dict) -> None:
-    """cut-cross-entropy's -loss (reduction none) as per-token log-probs vs ours."""
+    """cut-cross-entropy's -loss (reduction none) as per-token log-probs, against
+    the plain path, fp32 and ours: values, gradients, time."""
     import torch
 
     from axolotl_prefalign.core.config import PrefAlignConfig
-    from axolotl_prefalign.core.logprobs import plain_token_logprobs, token_logprobs
+    from axolotl_prefalign.core.logprobs import plain_token_logprobs
 
-    chunk = PrefAlignConfig().chunk_size
+    ours = fused_fn(PrefAlignConfig().chunk_size)
     try:
         import cut_cross_entropy as cce
     except ImportError as exc:
-        # Skipped; on the dry run the same harness still runs with the plain path
+        # Skipped. On the dry run the same harness still runs, the plain path
         # standing in for CCE, so that its code cannot rot unnoticed.
         out: dict = {"status": "skipped", "reason": f"cut_cross_entropy: {exc}"}
         if spec.get("dry_run"):
             out["standin"] = compare_logprobs(
-                torch, "plain (stand-in)", plain_token_logprobs, spec
+                torch, "plain (stand-in)", plain_token_logprobs, spec, against=ours
             )
         emit("cce", out)
         return
     if spec["device"] != "cuda":
         emit("cce", {"status": "skipped", "reason": "CCE's kernels need CUDA"})
         return
-    results = {"status": "ok", "version": getattr(cce, "__version__", None)}
+    results: dict = {"status": "ok", "version": getattr(cce, "__version__", None)}
+    # "high": CCE's default gradient filtering (skips entries below bf16 precision);
+    # None: no filtering, the exact gradient.
     for label, eps in (("default", "high"), ("exact", None)):
 
         def fn(h, w, y, eps=eps):
-            return -cce.linear_cross_entropy(
-                h, w, y, reduction="none", filter_eps=eps
-            ).float() * (y != -100)
+            loss = cce.linear_cross_entropy(h, w, y, reduction="none", filter_eps=eps)
+            return -loss.float() * (y != -100)
 
         try:
-            results[label] = compare_logprobs(torch, f"cce filter_eps={eps}", fn, spec)
+            results[label] = compare_logprobs(
+                torch, f"cut_cross_entropy filter_eps={eps}", fn, spec, against=ours
+            )
         except Exception as exc:  # noqa: BLE001 - recorded, the rest goes on
             results[label] = {"status": "error", "error": repr(exc)[-2000:]}
-    ours = compare_logprobs(
-        torch, "fused", lambda h, w, y: token_logprobs(h, w, y, chunk_size=chunk), spec
-    )
-    results["fused_time"] = ours["time"]
     emit("cce", results)
 
 
@@ -429,11 +427,17 @@ def stock_mirror_loss(model, inputs: dict, *, beta: float, gc_kwargs: dict):
     import torch
     import torch.nn.functional as F
 
-    def selective_log_softmax(logits, index):  # TRL's, fp32/fp64 branch
+    def selective_log_softmax(logits, index):  # trl.trainer.utils' (1.9)
         index = index.unsqueeze(-1)
-        selected = torch.gather(logits, dim=-1, index=index)
-        lse = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
-        return (selected - lse.unsqueeze(-1)).squeeze(-1)
+        if logits.dtype in (torch.float32, torch.float64):
+            selected = torch.gather(logits, dim=-1, index=index)
+            lse = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
+            return (selected - lse.unsqueeze(-1)).squeeze(-1)
+        rows = [  # bf16/fp16 logits: per row, log_softmax in their dtype
+            F.log_softmax(row, dim=-1).gather(dim=-1, index=lab)
+            for row, lab in zip(logits, index, strict=True)
+        ]
+        return torch.stack(rows).squeeze(-1)
 
     def entropy_from_logits(logits, chunk_size=128):
         flat = logits.reshape(-1, logits.shape[-1])
@@ -454,15 +458,7 @@ def stock_mirror_loss(model, inputs: dict, *, beta: float, gc_kwargs: dict):
     shift_logits = outputs.logits[..., :-1, :]
     shift_labels = input_ids[..., 1:]
     shift_mask = completion_mask[..., 1:]
-    if shift_logits.dtype in (torch.float32, torch.float64):
-        per_token = selective_log_softmax(shift_logits, shift_labels)
-    else:  # TRL: per row, log_softmax in the logits' dtype
-        per_token = torch.stack(
-            [
-                F.log_softmax(row, dim=-1).gather(-1, lab[:, None]).squeeze(-1)
-                for row, lab in zip(shift_logits, shift_labels, strict=True)
-            ]
-        )
+    per_token = selective_log_softmax(shift_logits, shift_labels)
     per_token[shift_mask == 0] = 0.0
     chosen, rejected = per_token.sum(dim=1).chunk(2, dim=0)
     was = model.is_gradient_checkpointing
@@ -476,7 +472,7 @@ def stock_mirror_loss(model, inputs: dict, *, beta: float, gc_kwargs: dict):
             if was:
                 model.gradient_checkpointing_enable(gc_kwargs)
         ref_logits = ref_outputs.logits[..., :-1, :]
-        ref_per_token = selective_log_softmax(ref_logits.float(), shift_labels)
+        ref_per_token = selective_log_softmax(ref_logits, shift_labels)
         ref_per_token[shift_mask == 0] = 0.0
         ref_chosen, ref_rejected = ref_per_token.sum(dim=1).chunk(2, dim=0)
     delta = (chosen - ref_chosen) - (rejected - ref_rejected)
@@ -516,13 +512,19 @@ def trl_args(*, cuda: bool, gc_kwargs: dict):
 
 def stock_loss(model, accelerator, args, reason, *, gc_kwargs: dict):
     """TRL's own `_compute_loss` on a trainer object holding what it reads (the
-    attributes `DPOTrainer.__init__` sets from `DPOConfig`); else the mirror."""
+    attributes `DPOTrainer.__init__` sets from `DPOConfig`); else the mirror.
+
+    Returns (loss_fn, about): `about["impl"]` names what ran. A TRL newer than the
+    carried 1.9 may read state this object lacks: then the first call falls back
+    to the mirror and `about` says so (the JSON then shows it)."""
+    import torch
+
+    def mirror(batch):
+        return stock_mirror_loss(model, batch, beta=BETA, gc_kwargs=gc_kwargs)
+
+    about = {"impl": f"mirror of TRL 1.9 DPOTrainer._compute_loss ({reason})"}
     if args is None:
-
-        def mirror(batch):
-            return stock_mirror_loss(model, batch, beta=BETA, gc_kwargs=gc_kwargs)
-
-        return mirror, f"mirror of TRL 1.9 DPOTrainer._compute_loss ({reason})"
+        return mirror, about
     from collections import defaultdict
 
     import trl
@@ -545,23 +547,33 @@ def stock_loss(model, accelerator, args, reason, *, gc_kwargs: dict):
     shim.use_liger_kernel = False
     shim.aux_loss_enabled = False
     shim.router_aux_loss_coef = 0.0
+    shim._tp_size = 1  # TRL >= 1.14: tensor-parallel degree
     shim._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     shim._total_train_tokens = 0
+    about["impl"] = f"trl {trl.__version__} DPOTrainer._compute_loss"
+    state = {"calls": 0, "fallback": False}
 
     def trl_loss(batch):
-        loss = shim._compute_loss(model, batch, False)
+        if state["fallback"]:
+            return mirror(batch)
+        try:
+            loss = shim._compute_loss(model, batch, False)
+        except AttributeError as exc:
+            if state["calls"]:
+                raise
+            state["fallback"] = True
+            about["impl"] = (
+                f"mirror of TRL 1.9 DPOTrainer._compute_loss (trl {trl.__version__}"
+                f"'s needs trainer state the shim lacks: {exc})"
+            )
+            return mirror(batch)
+        state["calls"] += 1
         m = shim._metrics["train"]
-        chosen = torch_tensor(m["logps/chosen"][-1])
-        rejected = torch_tensor(m["logps/rejected"][-1])
+        chosen = torch.tensor([float(m["logps/chosen"][-1])])
+        rejected = torch.tensor([float(m["logps/rejected"][-1])])
         return loss, chosen, rejected
 
-    return trl_loss, f"trl {trl.__version__} DPOTrainer._compute_loss"
-
-
-def torch_tensor(x):
-    import torch
-
-    return torch.tensor([float(x)])
+    return trl_loss, about
 
 
 def ours_loss(model, accelerator, *, packing: bool):
@@ -587,7 +599,7 @@ def ours_loss(model, accelerator, *, packing: bool):
         return out.losses.mean(), out.chosen_logps.detach(), out.rejected_logps.detach()
 
     name = "axolotl_prefalign.core.preference.PreferenceStep"
-    return loss_fn, name + (" (packing)" if packing else " (padded)")
+    return loss_fn, {"impl": name + (" (packing)" if packing else " (padded)")}
 
 
 class SimulatedOOM(Exception):
@@ -673,7 +685,7 @@ def _timed_step(torch, run, seq: int, seed: int, cuda: bool, spec: dict):
             raise
         status, values, error = "oom", None, str(exc)[:500]
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    peak = _peak_gib(torch, cuda)
     del batch
     return status, seconds, peak, values, error
 
@@ -690,19 +702,24 @@ def dpo_config(torch, g, accelerator, name: str, spec: dict, started: float):
     """Part 2 for one configuration, then part 3 in the same process."""
     cuda = spec["device"] == "cuda"
     seq = spec["seq"]
-    row: dict = {"config": name, "seq": seq, "packing": name.endswith("packed")}
+    row: dict = {
+        "config": name,
+        "seq": seq,
+        "packing": name.endswith("packed"),
+        "memory_kind": "cuda max_memory_allocated"
+        if cuda
+        else "cpu process max RSS (dry run)",
+    }
     model, params, optimizer, gc_kwargs, info = _prepare(torch, spec, g, accelerator)
     row.update(info)
-    if cuda:
-        row["weights_gib"] = torch.cuda.memory_allocated() / GIB
+    row["weights_gib"] = torch.cuda.memory_allocated() / GIB if cuda else None
     if name == "stock":
         args, reason = spec["_trl"]
-        loss_fn, impl = stock_loss(
+        loss_fn, about = stock_loss(
             model, accelerator, args, reason, gc_kwargs=gc_kwargs
         )
     else:
-        loss_fn, impl = ours_loss(model, accelerator, packing=row["packing"])
-    row["impl"] = impl
+        loss_fn, about = ours_loss(model, accelerator, packing=row["packing"])
     collect = spec["gc_collect_per_step"]
 
     def run(batch, fake):
@@ -740,10 +757,12 @@ def dpo_config(torch, g, accelerator, name: str, spec: dict, started: float):
             losses=losses,
             logps=logps,
         )
-        if cuda:
-            row["peak_gib"] = max(peaks)
-            row["peak_gib_timed"] = max(peaks[spec["warmup"] :])
-            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        row["peak_gib"] = max(peaks)
+        row["peak_gib_timed"] = max(peaks[spec["warmup"] :])
+        row["peak_reserved_gib"] = (
+            torch.cuda.max_memory_reserved() / GIB if cuda else None
+        )
+    row["impl"] = about["impl"]
     row["main_s"] = time.perf_counter() - started
     row["worker_s"] = time.time() - spec["launched"]
     emit("dpo_step", row)
@@ -841,6 +860,7 @@ def worker_info(spec: dict) -> None:
 
     info: dict = {
         "python": platform.python_version(),
+        "torch": torch.__version__,
         "versions": versions(),
         "cuda_runtime": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
@@ -871,7 +891,14 @@ def worker_info(spec: dict) -> None:
     emit("info", info)
 
 
+def worker_sleep(spec: dict) -> None:
+    """For the tests of the time box: one record, then hang."""
+    emit("sleep", {"status": "ok"})
+    time.sleep(spec.get("seconds", 60))
+
+
 WORKERS = {
+    "sleep": worker_sleep,
     "info": worker_info,
     "fused_vs_plain": worker_fused,
     "dpo": worker_dpo,
@@ -896,6 +923,7 @@ class Driver:
         self.log_path = self.out / "gpu_check.log"
         self.site = Path(args.site_dir)
         self.env = self._env()
+        self.proc: subprocess.Popen | None = None
         self.report: dict = {
             "benchmark": "gpu_check",
             "dry_run": args.dry_run,
@@ -946,10 +974,29 @@ class Driver:
     def left(self) -> float:
         return self.deadline - time.time()
 
+    def on_term(self, signum, frame) -> None:
+        """The outer `timeout` (gpu_check.sh) fired: end the worker (it runs in its
+        own session, so the signal does not reach it), keep what was measured."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.report["killed"] = f"signal {signum}: the outer time limit"
+        self.write()
+        os._exit(124)
+
     def worker(self, name: str, spec: dict, timeout: float) -> dict:
         """Run one worker under a timeout (its whole process group is killed);
         returns its records, status and the tail of its stderr."""
-        timeout = max(1.0, min(timeout, self.left() - 3))
+        timeout = min(timeout, self.left() - 3)
+        if timeout < 2:
+            self.log(f"worker {name}: not started, the budget is spent")
+            return {
+                "status": "not_run",
+                "returncode": None,
+                "seconds": 0.0,
+                "records": [],
+                "stderr_tail": "not started: the budget is spent",
+            }
         cmd = [sys.executable, str(Path(__file__)), "--worker", name, json.dumps(spec)]
         self.log(f"worker {name}: start, time box {timeout:.0f}s")
         t0 = time.time()
@@ -963,6 +1010,7 @@ class Driver:
                 cwd=str(REPO),
                 start_new_session=True,
             )
+            self.proc = proc
             try:
                 stdout, _ = proc.communicate(timeout=timeout)
                 status = "ok" if proc.returncode == 0 else "error"
@@ -971,6 +1019,7 @@ class Driver:
                     os.killpg(proc.pid, signal.SIGKILL)
                 stdout, _ = proc.communicate()
                 status = "timeout"
+            self.proc = None
             err.seek(0)
             stderr = err.read()
         with self.log_path.open("a") as fh:
@@ -1254,6 +1303,7 @@ class Driver:
         return "\n".join(lines)
 
     def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_term)
         self.log(f"budget {self.args.budget_s:.0f}s, out {self.out}")
         self.write()
         self.part("setup", self.setup)

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-EXTRAS=${EXTRAS:-dev,robustft,models}
+EXTRAS=${EXTRAS:-axolotl,dev,robustft,models}
 AXOLOTL_VERSION=${AXOLOTL_VERSION:-}
 start=$(date +%s)
 

@@ -148,6 +148,11 @@ class SpaPromptSource(_Strict):
     )
     field: str = Field("prompt", description="Column holding the prompt text.")
     split: str = Field("train", description="Split to read (dataset folders/files).")
+    name: str | None = Field(
+        None,
+        description="The dataset's name when `path` is a LLaMA-Factory "
+        "dataset_info.json (alpaca or sharegpt; the prompt column is `prompt`).",
+    )
 
 
 class SpaConfig(_Strict):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dataset_info import convert_row, dataset_entry, is_dataset_info
 from .rows import RowChecker
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -51,6 +52,9 @@ class LocalRows:
     positions: list[int] = field(default_factory=list)
     n_seen: int = 0  # records read, unreadable ones included
     n_skipped: int = 0  # unreadable rows dropped under on_bad_row: skip
+    # True when the rows are not the files' own records (a LLaMA-Factory dataset
+    # read in prefalign's column names): Axolotl must read a converted copy.
+    converted: bool = False
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -199,8 +203,12 @@ def read_local(
     on_bad_row: str = "error",
     source: str | None = None,
     checker: RowChecker | None = None,
+    name: str | None = None,
 ) -> LocalRows:
     """Every row of a local file or folder; unreadable lines raise or are counted.
+
+    A LLaMA-Factory `dataset_info.json` as `path` reads its dataset `name` in
+    prefalign's column names (`core.dataset_info`).
 
     Under `on_bad_row: skip` malformed lines, non-object lines and NaN values are
     dropped and counted (and reported); a missing or empty source always raises.
@@ -208,6 +216,8 @@ def read_local(
     report counts every skipped row; it then reports itself.
     """
     base = Path(str(path)).expanduser()
+    if is_dataset_info(base) and base.is_file():
+        return _read_dataset_info(base, name, on_bad_row, checker)
     split = split or "train"
     out = LocalRows(source or str(path))
     shared = checker is not None
@@ -262,6 +272,28 @@ def _finish(out: LocalRows, checker: RowChecker, shared: bool) -> LocalRows:
     return out
 
 
+def _read_dataset_info(
+    info_path: Path, name: str | None, on_bad_row: str, checker: RowChecker | None
+) -> LocalRows:
+    entry = dataset_entry(info_path, name)
+    file = info_path.parent / entry["file_name"]
+    shared = checker is not None
+    if checker is None:
+        checker = RowChecker(str(file), on_bad_row)
+    checker.source = str(file)  # errors name the data file, not dataset_info.json
+    data = read_local(file, on_bad_row=on_bad_row, source=str(file), checker=checker)
+    checker.lines = data.lines
+    out = LocalRows(str(file), files=data.files, n_seen=data.n_seen, converted=True)
+    for i, row in enumerate(data.rows):
+        converted = convert_row(row, entry, i, checker)
+        if converted is not None:
+            out.rows.append(converted)
+            out.lines.append(data.lines[i])
+            out.positions.append(data.positions[i])
+    checker.lines = out.lines
+    return _finish(out, checker, shared)
+
+
 def read_entry(entry: Any, on_bad_row: str = "error") -> LocalRows:
     """The rows of a `datasets:` entry that names local data (path, data_files,
     split, ds_type as Axolotl spells them)."""
@@ -277,6 +309,7 @@ def read_entry(entry: Any, on_bad_row: str = "error") -> LocalRows:
         ds_type=entry_get(entry, "ds_type"),
         on_bad_row=on_bad_row,
         source=source,
+        name=entry_get(entry, "name"),
     )
 
 

@@ -93,7 +93,9 @@ def load_prompts(source: SpaPromptSource, on_bad_row: str = "error"):
 
     checker = RowChecker(str(source.path), on_bad_row)
     try:
-        data = read_local(source.path, split=source.split, checker=checker)
+        data = read_local(
+            source.path, split=source.split, checker=checker, name=source.name
+        )
     except DataFileError as err:
         raise SpaLoopError(f"prefalign.spa.prompts: {err}") from None
     checker.lines = data.lines

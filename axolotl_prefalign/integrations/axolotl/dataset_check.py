@@ -93,19 +93,29 @@ def precheck_entry(
     skipped = data.n_skipped + checker.n_skipped
     if not kept:
         raise ValueError(f"{data.source}: no usable rows ({skipped} skipped)")
-    if skipped:
-        copy = checked_copy(kept, Path(str(entry.get("path"))).name)
-        LOG.warning(
-            "%s: %d row(s) kept, %d skipped (on_bad_row: skip); training reads the "
-            "checked copy %s",
-            data.source,
-            len(kept),
-            skipped,
-            copy,
-        )
+    if skipped or data.converted:
+        copy = checked_copy(kept, Path(data.source).name)
+        if skipped:
+            LOG.warning(
+                "%s: %d row(s) kept, %d skipped (on_bad_row: skip); training reads "
+                "the checked copy %s",
+                data.source,
+                len(kept),
+                skipped,
+                copy,
+            )
+        else:
+            LOG.info(
+                "%s: %d row(s) of LLaMA-Factory dataset %r, read as %s",
+                data.source,
+                len(kept),
+                entry.get("name"),
+                copy,
+            )
         entry["path"] = str(copy)
         entry["ds_type"] = "json"
-        entry.pop("data_files", None)
+        for key in ("data_files", "name"):  # the copy is one plain jsonl file
+            entry.pop(key, None)
     return len(kept), skipped
 
 

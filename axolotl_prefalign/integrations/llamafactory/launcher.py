@@ -209,7 +209,8 @@ def torchrun_command(config: str | Path, nproc: int) -> list[str]:
     ]
 
 
-def _dataset_names(args: dict[str, Any]) -> list[str]:
+def dataset_names(args: dict[str, Any]) -> list[str]:
+    """The names of `dataset:` (a comma-separated string or a list)."""
     names = args.get("dataset") or []
     if isinstance(names, str):
         names = names.split(",")
@@ -226,7 +227,7 @@ def precheck(args: dict[str, Any], pa: PrefAlignConfig) -> None:
 
     dataset_dir = Path(args.get("dataset_dir") or "data")
     info_path = dataset_dir / "dataset_info.json"
-    names = _dataset_names(args) + _dataset_names({"dataset": args.get("eval_dataset")})
+    names = dataset_names(args) + dataset_names({"dataset": args.get("eval_dataset")})
     if not names or not info_path.exists():
         return  # LLaMA-Factory reports a missing dataset_info.json itself
     info = json.loads(info_path.read_text(encoding="utf-8"))

@@ -1,0 +1,123 @@
+"""`prefalign llamafactory denoise CONFIG.yaml`: RobustFT on LLaMA-Factory datasets.
+
+CONFIG is a LLaMA-Factory SFT YAML plus a `prefalign:` block with `robustft:`
+settings. Every dataset named by `dataset:` (alpaca or sharegpt in `dataset_dir`'s
+dataset_info.json) is read in prefalign's column names (`prompt` → the question,
+`response` → the answer, unless `prefalign.robustft.fields` says otherwise),
+denoised into its keyed output folder (resumable, as `axolotl prefalign denoise`),
+and written back into `dataset_dir` as the LLaMA-Factory dataset
+`<name>_robustft` (D_clean ∪ D_select) with its dataset_info.json entry; train it
+with `dataset: <name>_robustft`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ...core.config import PrefAlignConfig
+from ...core.dataset_info import INFO_FILE
+from ...core.local_data import DataFileError, read_local
+from ...core.rows import RowChecker
+from ...core.shards import main_process_only
+from ...robustft.pipeline import (
+    DenoiseResult,
+    RobustFTError,
+    cache_key,
+    default_parent,
+    denoise_dataset,
+    format_report,
+    output_folder,
+)
+from .export import SFT_COLUMNS, ExportedSet, robustft_rows, write_llamafactory
+from .launcher import dataset_names, read_config
+
+# LLaMA-Factory SFT rows read as prefalign rows: the prompt is RobustFT's question,
+# the response its (possibly noisy) answer; free text, no option list.
+LLAMAFACTORY_FIELDS = {"question": "prompt", "answer": "response", "options": None}
+
+
+def settings_for(config_path: Path, pa: PrefAlignConfig) -> PrefAlignConfig:
+    """The block with RobustFT's fields set to LLaMA-Factory's rows, unless the
+    YAML names them itself."""
+    import yaml
+
+    raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    block = raw.get("prefalign") or {}
+    if "fields" in (block.get("robustft") or {}):
+        return pa
+    robustft = {**pa.robustft.model_dump(), "fields": LLAMAFACTORY_FIELDS}
+    return PrefAlignConfig.from_raw({**pa.model_dump(), "robustft": robustft})
+
+
+def denoise(
+    config_path: str | Path,
+    *,
+    load_predictor: Callable[[str], Any] | None = None,
+    encoder: Any = None,
+    echo: Callable[[str], Any] = print,
+) -> list[DenoiseResult]:
+    """Denoise every dataset of a LLaMA-Factory config; write `<name>_robustft`."""
+    config_path = Path(config_path)
+    args, pa = read_config(config_path)
+    pa = settings_for(config_path, pa)
+    names = dataset_names(args)
+    if not names:
+        raise RobustFTError(f"{config_path} names no `dataset:` to denoise")
+    if not main_process_only("prefalign llamafactory denoise"):
+        return []
+    dataset_dir = Path(args.get("dataset_dir") or "data")
+    info = dataset_dir / INFO_FILE
+    settings, f = pa.robustft, pa.robustft.fields
+    base_model = args.get("model_name_or_path")
+    results = []
+    for name in names:
+        try:
+            data = read_local(info, name=name, on_bad_row=pa.on_bad_row)
+        except DataFileError as err:
+            raise RobustFTError(f"dataset {name!r}: {err}") from None
+        key = cache_key(
+            settings, data.rows, base_model=base_model, on_bad_row=pa.on_bad_row
+        )
+        out_dir = output_folder(default_parent(args, settings), name, key)
+        result = denoise_dataset(
+            data.rows,
+            settings,
+            out_dir,
+            base_model=base_model,
+            source=data.source,
+            on_bad_row=pa.on_bad_row,
+            load_predictor=load_predictor,
+            encoder=encoder,
+            load_in_4bit=args.get("quantization_bit") == 4,
+            lines=data.lines,
+        )
+        echo(format_report(result.report))
+        checker = RowChecker(str(out_dir), pa.on_bad_row)
+        rows = robustft_rows(
+            result.train.to_list(), f.question, f.answer, f.options, checker
+        )
+        checker.report()
+        out_name = f"{name}_robustft"
+        write_llamafactory(
+            dataset_dir,
+            [
+                ExportedSet(
+                    out_name,
+                    f"{out_name}.jsonl",
+                    rows,
+                    False,
+                    dict(SFT_COLUMNS),
+                    data.source,
+                    checker.n_skipped,
+                )
+            ],
+        )
+        echo(
+            f"LLaMA-Factory dataset {out_name!r}: {len(rows)} rows in "
+            f"{dataset_dir / (out_name + '.jsonl')} (entry added to {info}); "
+            f"train it with `dataset: {out_name}`"
+        )
+        results.append(result)
+    return results
