@@ -530,3 +530,81 @@ def test_export_samples_train_through_the_launcher(tmp_path, tiny_model_dir):
         assert f"stage {stage}" in proc.stdout
         state = json.loads((d / "out" / "trainer_state.json").read_text())
         assert len([h for h in state["log_history"] if "loss" in h]) == 2, name
+
+
+def _denoise_sample(tmp_path: Path, model_dir: Path) -> tuple[Path, Path]:
+    """The denoise sample on a copy of its data folder (it writes into it)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(LF_EXAMPLES / "data", data)
+    info = json.loads((data / "dataset_info.json").read_text())
+    seed = info["prefalign_spa_seed"]
+    seed["file_name"] = str((LF_EXAMPLES / "data" / seed["file_name"]).resolve())
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    config = _lf_example(
+        "robustft_denoise.yaml", tmp_path, model_dir, dataset_dir=str(data)
+    )
+    return config, data
+
+
+@pytest.mark.slow
+def test_denoise_sample_writes_a_dataset_llamafactory_then_trains(
+    tmp_path, smollm2_dir
+):
+    """`prefalign llamafactory denoise` on the sample (SmolLM2 as the expert, the
+    bundled sentence encoder), then SFT on `noisy_sums_robustft` in LLaMA-Factory."""
+    python = llamafactory_python()
+    config, data = _denoise_sample(tmp_path, smollm2_dir)
+    raw = yaml.safe_load(config.read_text())
+    raw["template"] = "smollm2"  # the real model's own template
+    raw["default_system"] = (
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    )
+    config.write_text(yaml.safe_dump(raw))
+    cli = Path(python).parent / "prefalign"
+    proc = run_lf(str(cli), "llamafactory", "denoise", config, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "train it with `dataset: noisy_sums_robustft`" in proc.stdout
+    assert proc.stdout.count("RobustFT: ") == 1  # the report, once
+    entries = json.loads((data / "dataset_info.json").read_text())
+    assert {"noisy_sums", "noisy_sums_robustft", "prefalign_spa_seed"} <= set(entries)
+    rows = [
+        json.loads(x)
+        for x in (data / "noisy_sums_robustft.jsonl").read_text().splitlines()
+    ]
+    assert 0 < len(rows) <= 16
+    questions = {
+        json.loads(x)["instruction"]
+        for x in (data / "noisy_sums.jsonl").read_text().splitlines()
+    }
+    assert {r["instruction"] for r in rows} <= questions
+    raw["dataset"] = "noisy_sums_robustft"
+    config.write_text(yaml.safe_dump(raw))
+    proc = run_lf(str(cli), "llamafactory", "train", config, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert len([h for h in state["log_history"] if "loss" in h]) == 2
+
+
+@pytest.mark.slow
+def test_denoise_that_keeps_no_row_is_an_error_and_writes_nothing(
+    tmp_path, tiny_model_dir
+):
+    """A random tiny model as the expert agrees with no label: nothing is kept,
+    and the command says so instead of writing an empty dataset."""
+    python = llamafactory_python()
+    config, data = _denoise_sample(tmp_path, tiny_model_dir)
+    raw = yaml.safe_load(config.read_text())
+    raw["prefalign"]["robustft"].update(max_new_tokens=4, answer_max_new_tokens=4)
+    config.write_text(yaml.safe_dump(raw))
+    cli = Path(python).parent / "prefalign"
+    proc = run_lf(str(cli), "llamafactory", "denoise", config, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "RobustFTError: RobustFT left no training rows of dataset 'noisy_sums'" in (
+        proc.stderr
+    )
+    assert not (data / "noisy_sums_robustft.jsonl").exists()
+    assert "noisy_sums_robustft" not in json.loads(
+        (data / "dataset_info.json").read_text()
+    )

@@ -372,7 +372,7 @@ def denoise_dataset(
     result = _write_outputs(
         ds, settings, out_dir, clean, reviewed, selected, skipped, experts, source
     )
-    LOG.info("robustft: wrote %s\n%s", out_dir, format_report(result.report))
+    LOG.info("robustft: wrote %s", out_dir)  # the caller shows the report
     return result
 
 

@@ -7,6 +7,7 @@ returns the training set tokenized by `robustft.sft`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +16,10 @@ from datasets import Dataset
 
 from ...core.config import prefalign_config
 from ...core.rows import RowChecker
-from ...robustft.pipeline import denoise_entry
+from ...robustft.pipeline import denoise_entry, format_report
 from ...robustft.sft import tokenize_rows
+
+LOG = logging.getLogger("axolotl_prefalign")
 
 
 class RobustFTStrategy(DatasetWrappingStrategy):
@@ -36,6 +39,7 @@ class RobustFTStrategy(DatasetWrappingStrategy):
     ) -> Dataset:
         pa = prefalign_config(self.cfg)
         result = denoise_entry(self.cfg, self.ds_cfg, dataset)
+        LOG.info("%s", format_report(result.report))
         fields = pa.robustft.fields
         return tokenize_rows(
             result.train,

@@ -99,6 +99,11 @@ def denoise(
             result.train.to_list(), f.question, f.answer, f.options, checker
         )
         checker.report()
+        if not rows:
+            raise RobustFTError(
+                f"RobustFT left no training rows of dataset {name!r} (report above; "
+                f"{out_dir}): nothing written; the experts may be too weak for it"
+            )
         out_name = f"{name}_robustft"
         write_llamafactory(
             dataset_dir,
