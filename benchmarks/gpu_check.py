@@ -614,7 +614,9 @@ def _prepare(torch, spec: dict, g, accelerator):
 
     cuda = spec["device"] == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    shapes = {**spec["model"], "seq": spec["seq"], "attn": "sdpa"}
+    # seq sets max_position_embeddings: make it cover the longest search length.
+    shapes = {**spec["model"], "seq": max([spec["seq"], *spec["lengths"]])}
+    shapes["attn"] = "sdpa"
     t0 = time.perf_counter()
     base, n_quantized = g.build_model(shapes, spec["device"], dtype)
     build_s = time.perf_counter() - t0

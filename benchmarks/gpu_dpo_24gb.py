@@ -19,6 +19,11 @@ fresh subprocess, OOM = does not fit). Prints a markdown table, writes JSON.
     python benchmarks/gpu_dpo_24gb.py                       # the real thing (CUDA)
     python benchmarks/gpu_dpo_24gb.py --layers 2 --no-search
     python benchmarks/gpu_dpo_24gb.py --cpu-smoke --steps 1 --no-search  # logic only
+
+This needs Axolotl and TRL installed. Where they are not (the lent GPU machine has
+neither), `benchmarks/gpu_check.sh` runs the same comparison through TRL's own loss
+and `core.preference.PreferenceStep` in one time-boxed call (docs/gpu.md); it
+reuses this module's model build, NF4 swap, FLOP count and peak table.
 """
 
 from __future__ import annotations
