@@ -308,7 +308,12 @@ class PrefAlignConfig(_Strict):
     fused_logprobs: bool = Field(
         False, description="Use our DPO trainer with the chunked log-prob path."
     )
-    chunk_size: int = Field(1024, ge=1, description="Tokens per lm_head chunk.")
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per lm_head chunk; None picks it from the vocabulary "
+        "(chunk × V ≤ 2^25: 256 at V = 128256).",
+    )
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="ε for cdpo / robust."
     )

@@ -10,9 +10,17 @@ gradient w.r.t. h is formed in the forward pass (METHODS.md §4):
     d log p(y_t) / d h_t = W[y_t] − Σ_v p_tv W[v] = (onehot(y_t) − p_t) W
 
 one [chunk, V] × [V, H] product right after the log-sum-exp, kept as a [tokens, H]
-tensor, so the backward needs no second pass over the vocabulary. The weight gradient
-Σ_t g_t (onehot(y_t) − p_t)ᵀ h_t needs the probabilities again; they are recomputed
-chunk by chunk only when the head trains.
+tensor, so the backward needs no second pass over the vocabulary (two vocabulary-sized
+products per step; a backward that recomputes the logits needs three). The weight
+gradient Σ_t g_t (onehot(y_t) − p_t)ᵀ h_t needs the probabilities again; they are
+recomputed chunk by chunk only when the head trains.
+
+The peak is the forward's: one [chunk, V] fp32 block plus the [tokens, H] direction.
+The default chunk (`default_chunk_size`) bounds chunk × V at 2²⁵ elements (128 MiB in
+fp32), so the block is the same size whatever the vocabulary: 1024 rows at V = 32000,
+256 at Llama-3's 128256, 128 at Gemma-3's 262144. Thinner blocks run the products
+slower on the CPU (V = 128256: 64 rows take 1.5× the time of 256), and thicker ones
+only grow memory with V.
 """
 
 from __future__ import annotations
@@ -22,15 +30,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100
+# Elements of the [chunk, V] logits block the default chunk allows (128 MiB in fp32).
+CHUNK_ELEMENTS = 2**25
+MIN_CHUNK, MAX_CHUNK = 64, 4096
 
 __all__ = [
     "IGNORE_INDEX",
     "count_tokens",
+    "default_chunk_size",
     "mixed_token_logprobs",
     "plain_token_logprobs",
     "sequence_logprobs",
     "token_logprobs",
 ]
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Rows per [chunk, V] block: chunk × V ≤ 2²⁵, a multiple of 64 in [64, 4096]."""
+    rows = CHUNK_ELEMENTS // max(vocab, 1) // MIN_CHUNK * MIN_CHUNK
+    return min(max(rows, MIN_CHUNK), MAX_CHUNK)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -196,14 +214,17 @@ def token_logprobs(
     labels: Tensor,
     *,
     bias: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """log_softmax(hidden @ weightᵀ + bias)[labels], like labels, 0 where ignored.
 
     Differentiable w.r.t. hidden, weight and bias; never holds more than one
-    [chunk_size, V] block of logits. fp32 output (fp64 for fp64 inputs).
+    [chunk_size, V] block of logits (None: `default_chunk_size(V)`). fp32 output
+    (fp64 for fp64 inputs).
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0])
     mask = _check_inputs(hidden, weight, labels, bias, chunk_size, ignore_index)
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     flat_mask = mask.reshape(-1)
@@ -234,13 +255,15 @@ def mixed_token_logprobs(
     ref_weight: Tensor | None = None,
     bias: Tensor | None = None,
     ref_bias: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Log-probs of labels under mix·z_policy + (1 − mix)·z_ref (SPA's DND: 1 + λ).
 
     No gradient; 0 where ignored; one [chunk_size, V] block of logits at a time.
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0])
     ref_weight = weight if ref_weight is None else ref_weight
     ref_bias = bias if ref_bias is None else ref_bias
     mask = _check_inputs(hidden, weight, labels, bias, chunk_size, ignore_index)

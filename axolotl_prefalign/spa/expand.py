@@ -279,7 +279,7 @@ def expand(
     iteration: int,
     *,
     generator: GenerateFn | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     on_bad_row: str = "error",
     source: str = "SPA prompts",
     model_id: str | None = None,

@@ -120,7 +120,7 @@ def sequence_logprobs(
     encoded: list[tuple[list[int], list[int]]],
     pad_id: int,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of completion-token log-probs and the completion length, per sequence,
     from ONE padded forward of the backbone and the fused lm_head log-softmax."""
@@ -175,7 +175,7 @@ def judge_pairs(
     beta: float = 0.1,
     length_normalized: bool = False,
     batch_size: int = 8,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     reference_cache: RefCache | None = None,
     desc: str = "judging",
 ) -> list[Judgment]:
@@ -226,7 +226,7 @@ def _judge_batch(
     init_model: Any,
     beta: float,
     length_normalized: bool,
-    chunk_size: int,
+    chunk_size: int | None,
     cache: RefCache,
     pad_id: int,
     first: int,
