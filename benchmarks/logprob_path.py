@@ -1,8 +1,17 @@
-"""Plain vs fused token log-probs through the LM head: peak memory and time.
+"""Plain vs fused vs TRL 1.16's chunked token log-probs: peak memory and time.
 
     python benchmarks/logprob_path.py            # the full grid
     python benchmarks/logprob_path.py --quick    # a small subset
     python benchmarks/logprob_path.py --train-head   # the head trains too
+    python benchmarks/logprob_path.py --case 128256:2x2048:2048 --case ...
+
+Paths: `plain` (full logits, log_softmax, gather), `fused` (ours, default chunk from
+V unless --chunk-size), `trl` (TRL 1.16.0's `trl.kernels.ChunkedLogProbFunction` with
+its default tile of 4096 tokens × 32768 vocabulary columns) and `trl_8192` (the same
+with 8192 columns). TRL comes from a side folder (`--trl-site`, default
+benchmarks/.trl116, installed there with `pip install --no-deps --target` on first
+use), so the project's own TRL stays as Axolotl pins it; off CUDA it runs its torch
+fold (no Triton).
 
 Each case runs in a fresh subprocess, in which the two paths alternate step by step,
 so that load from other processes hits both alike. Times are wall-clock medians; the
@@ -34,6 +43,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VOCABS = (32000, 128256)
+TRL_VERSION = "1.16.0"
+TRL_SITE = HERE / ".trl116"
+IMPLS = ("plain", "fused", "trl", "trl_8192")
 TOKENS = ((2, 512), (2, 2048), (2, 4096))
 HIDDENS = (2048, 4096)
 QUICK = [(32000, (2, 512), 2048), (128256, (2, 512), 2048), (32000, (2, 2048), 2048)]
@@ -77,6 +89,18 @@ def worker(spec: dict) -> dict:
     sys.path.insert(0, str(REPO))
     from axolotl_prefalign.core.logprobs import plain_token_logprobs, token_logprobs
 
+    trl_fn = None
+    if any(i.startswith("trl") for i in spec["impls"]):
+        sys.path.insert(0, spec["trl_site"])
+        from trl.kernels import ChunkedLogProbFunction
+
+        def trl_fn(h, w, y, columns=32768):
+            flat = h.reshape(-1, h.shape[-1])
+            out = ChunkedLogProbFunction.apply(
+                flat, w, None, y.reshape(-1), 1.0, columns, None, 1.0, ()
+            )
+            return out[0].view(y.shape)
+
     cuda = spec["device"] == "cuda"
     device = torch.device(spec["device"])
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -89,16 +113,22 @@ def worker(spec: dict) -> dict:
     hidden = torch.empty(batch, seq, hid, dtype=dtype, device=device).normal_()
     hidden.requires_grad_(True)
     labels = torch.randint(0, vocab, (batch, seq), device=device)
-    paths = {
-        "plain": lambda: plain_token_logprobs(hidden, weight, labels),
-        "fused": lambda: token_logprobs(
-            hidden, weight, labels, chunk_size=spec["chunk_size"]
-        ),
+    fns = {
+        "plain": plain_token_logprobs,
+        "fused": lambda h, w, y: token_logprobs(h, w, y, chunk_size=spec["chunk_size"]),
+        "trl": trl_fn,
+        "trl_8192": lambda h, w, y: trl_fn(h, w, y, columns=8192),
     }
-    # One tiny step per path first: BLAS thread pool and allocator start-up.
+    paths = {k: (lambda k=k: fns[k](hidden, weight, labels)) for k in spec["impls"]}
+    # One tiny step per path first (BLAS thread pool and allocator start-up), which
+    # also checks that every path computes the same log-probs.
+    with torch.no_grad():
+        ref = plain_token_logprobs(hidden[:, :64], weight, labels[:, :64])
+    diffs = {}
     for impl in spec["impls"]:
-        fn = plain_token_logprobs if impl == "plain" else token_logprobs
-        fn(hidden[:, :8], weight, labels[:, :8]).sum().backward()
+        lp = fns[impl](hidden[:, :64], weight, labels[:, :64])
+        diffs[impl] = (lp.detach().float() - ref.float()).abs().max().item()
+        lp.sum().backward()
     results = {k: {"times_s": [], "cpu_s": [], "peaks": []} for k in spec["impls"]}
     for i in range(spec["warmup"] + spec["repeats"]):
         for impl in spec["impls"]:
@@ -132,8 +162,9 @@ def worker(spec: dict) -> dict:
             if i >= spec["warmup"]:
                 res["times_s"].append(elapsed)
                 res["cpu_s"].append(cpu)
-    for res in results.values():
+    for impl, res in results.items():
         res["peak_bytes"] = max(res.pop("peaks"))
+        res["max_abs_diff_vs_plain"] = diffs[impl]
     return results
 
 
@@ -215,23 +246,54 @@ def fmt_mb(n: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """One line per case and path: peak, time, and the ratios against plain."""
     out = [
-        "| V | tokens | H | plain peak MB | fused peak MB | plain/fused mem "
-        "| plain s | fused s | fused/plain time | fused/plain CPU time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| V | tokens | H | path | peak MB | time s | plain/path mem "
+        "| path/plain time | path/plain CPU time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = f"| {r['vocab']} | {r['tokens'][0]}×{r['tokens'][1]} | {r['hidden']} "
         if "skipped" in r:
-            out.append(head + f"| skipped: {r['skipped']} ||||||")
+            out.append(head + f"| skipped: {r['skipped']} |||||")
             continue
-        p, f = r["plain"], r["fused"]
-        out.append(
-            head + f"| {fmt_mb(p['peak_bytes'])} | {fmt_mb(f['peak_bytes'])} "
-            f"| {r['mem_ratio']:.1f}× | {p['median_s']:.2f} | {f['median_s']:.2f} "
-            f"| {r['time_ratio']:.2f} | {r['cpu_ratio']:.2f} |"
-        )
+        p = r["plain"]
+        for impl in (i for i in IMPLS if i in r):
+            x = r[impl]
+            out.append(
+                head + f"| {impl} | {fmt_mb(x['peak_bytes'])} | {x['median_s']:.2f} "
+                f"| {p['peak_bytes'] / x['peak_bytes']:.1f}× "
+                f"| {x['median_s'] / p['median_s']:.2f} "
+                f"| {x['median_cpu_s'] / p['median_cpu_s']:.2f} |"
+            )
     return "\n".join(out)
+
+
+def ensure_trl(site: Path) -> str:
+    """TRL 1.16's kernels in a side folder (installed once, no dependencies)."""
+    if not (site / "trl" / "kernels" / "chunked_logprob.py").exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--target",
+                str(site),
+                f"trl=={TRL_VERSION}",
+            ],
+            check=True,
+        )
+    version = subprocess.run(
+        [sys.executable, "-c", "import trl; print(trl.__version__)"],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[-1]
+    return version
 
 
 def main() -> None:
@@ -246,7 +308,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=0, help="untimed full steps")
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="fused path (default: from V)"
+    )
+    parser.add_argument(
+        "--impls", nargs="*", default=list(IMPLS), help=f"paths (default {IMPLS})"
+    )
+    parser.add_argument("--trl-site", type=Path, default=TRL_SITE)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--out", type=Path, help="JSON path (default results/...)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -257,10 +325,17 @@ def main() -> None:
 
     import torch
 
+    sys.path.insert(0, str(REPO))
+    from axolotl_prefalign.core.logprobs import default_chunk_size
+
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elt = 2 if device == "cuda" else 4
+    impls = ["plain", *(i for i in args.impls if i != "plain")]
+    trl_version = None
+    if any(i.startswith("trl") for i in impls):
+        trl_version = ensure_trl(args.trl_site)
     rows = []
     for vocab, tokens, hid in cases(args):
         row = {"vocab": vocab, "tokens": list(tokens), "hidden": hid}
@@ -283,23 +358,28 @@ def main() -> None:
             chunk_size=args.chunk_size,
             warmup=args.warmup,
             repeats=args.repeats,
+            trl_site=str(args.trl_site),
         )
         if device == "cuda" or _reset_peak_rss():
-            measured = run_case({**spec, "impls": ["plain", "fused"]})
+            measured = run_case({**spec, "impls": impls})
         else:  # no resettable peak: one fresh process per path
             measured = {
-                impl: run_case({**spec, "impls": [impl]})[impl]
-                for impl in ("plain", "fused")
+                impl: run_case({**spec, "impls": [impl]})[impl] for impl in impls
             }
         for impl, res in measured.items():
             res["median_s"] = statistics.median(res["times_s"])
             res["median_cpu_s"] = statistics.median(res["cpu_s"])
             row[impl] = res
         row["load_after"] = os.getloadavg()[0]
-        row["mem_ratio"] = row["plain"]["peak_bytes"] / row["fused"]["peak_bytes"]
-        row["time_ratio"] = row["fused"]["median_s"] / row["plain"]["median_s"]
-        row["cpu_ratio"] = row["fused"]["median_cpu_s"] / row["plain"]["median_cpu_s"]
-        print(table([row]).splitlines()[-1], flush=True)
+        if "fused" in row:
+            row["fused_chunk_size"] = args.chunk_size or default_chunk_size(vocab)
+            f = row["fused"]
+            for impl in (i for i in impls if i != "fused"):
+                row[f"mem_{impl}_over_fused"] = (
+                    row[impl]["peak_bytes"] / f["peak_bytes"]
+                )
+                row[f"time_fused_over_{impl}"] = f["median_s"] / row[impl]["median_s"]
+        print("\n".join(table([row]).splitlines()[2:]), flush=True)
         rows.append(row)
 
     print()
@@ -312,7 +392,10 @@ def main() -> None:
         "settings": {
             "dtype": "bfloat16" if device == "cuda" else "float32",
             "grad": "hidden and head" if args.train_head else "hidden only",
-            "chunk_size": args.chunk_size,
+            "chunk_size": args.chunk_size or "default_chunk_size(V)",
+            "impls": impls,
+            "trl": trl_version,
+            "trl_tiles": {"trl": [4096, 32768], "trl_8192": [4096, 8192]},
             "warmup": args.warmup,
             "repeats": args.repeats,
             "time": "median of repeats, forward + backward",
