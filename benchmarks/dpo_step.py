@@ -3,10 +3,17 @@
 Same model (a small random Llama with a real-sized vocabulary, LoRA on all linear
 layers), same batch, same optimizer. Each trainer runs in its own subprocess so peak
 RSS (CPU) or peak allocated memory (CUDA) is measured cleanly; step time is the median
-over several steps after a warm-up step. Prints a table and writes JSON.
+over several steps after a warm-up step. Prints a table and writes JSON (named by the
+Axolotl release it ran on).
+
+    stock          Axolotl's AxolotlDPOTrainer (TRL's DPO loss on full logits)
+    stock_liger    the same with `use_liger_kernel` (Axolotl's `dpo_use_liger_kernel`;
+                   on TRL >= 1.14 it routes through TRL's chunked log-probs)
+    prefalign      PrefAlignDPOTrainer, loss sigmoid, default chunk from V
 
     python benchmarks/dpo_step.py                    # CPU defaults
     python benchmarks/dpo_step.py --vocab 128256 --tokens 512 --steps 5
+    .venv-ax021/bin/python benchmarks/dpo_step.py    # against Axolotl 0.21
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = ("stock", "stock_liger", "prefalign")
 
 
 def machine() -> dict:
@@ -87,7 +95,8 @@ def worker(args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(args, device)
-    if args.which == "stock":
+    liger = args.which == "stock_liger"
+    if args.which in ("stock", "stock_liger"):
         from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer as cls
 
         extra = {}
@@ -114,6 +123,7 @@ def worker(args) -> dict:
         logging_steps=10**6,
         save_strategy="no",
         dataloader_num_workers=0,
+        use_liger_kernel=liger,
     )
     from gpu_dpo_24gb import word_tokenizer
 
@@ -173,9 +183,10 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=4, help="timed steps (after 1 warm-up)"
     )
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=None, help="default: from V")
     ap.add_argument("--grad-ckpt", action="store_true")
-    ap.add_argument("--which", choices=["stock", "prefalign"], help=argparse.SUPPRESS)
+    ap.add_argument("--which", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -183,17 +194,24 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    results = {}
-    for which in ("stock", "prefalign"):
+    import importlib.metadata as md
+
+    versions = {p: md.version(p) for p in ("axolotl", "trl", "transformers")}
+    results, failed = {}, {}
+    for which in args.configs:
         cmd = [sys.executable, __file__, "--which", which]
         for key, value in vars(args).items():
-            if key in ("which", "out") or value is False:
+            if key in ("which", "out", "configs") or value in (False, None):
                 continue
             flag = "--" + key.replace("_", "-")
             cmd += [flag] if value is True else [flag, str(value)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
+            if which == "stock_liger":  # an optional peer: record why it did not run
+                failed[which] = (proc.stderr or proc.stdout)[-1500:]
+                print(f"{which} did not run:\n{failed[which][-600:]}")
+                continue
             print(proc.stdout[-3000:], proc.stderr[-3000:])
             raise SystemExit(f"{which} run failed")
         results[which] = json.loads(line[-1][7:])
@@ -201,7 +219,8 @@ def main() -> None:
     mem_key = "peak_mem_mib" if "peak_mem_mib" in results["stock"] else "peak_rss_mib"
     s, p = results["stock"], results["prefalign"]
     print(
-        f"\nDPO step, V={args.vocab}, H={args.hidden}, L={args.layers}, "
+        f"\nDPO step, Axolotl {versions['axolotl']} (TRL {versions['trl']}), "
+        f"V={args.vocab}, H={args.hidden}, L={args.layers}, "
         f"{args.batch}×2×{args.tokens} tokens, LoRA r=16 all-linear"
     )
     print("| trainer | step time (median) | peak memory |")
@@ -212,20 +231,29 @@ def main() -> None:
         "time_prefalign_over_stock": p["step_s_median"] / s["step_s_median"],
         "mem_stock_over_prefalign": s[mem_key] / p[mem_key],
     }
+    if "stock_liger" in results:
+        lg = results["stock_liger"]
+        ratios["time_prefalign_over_stock_liger"] = (
+            p["step_s_median"] / lg["step_s_median"]
+        )
+        ratios["mem_stock_liger_over_prefalign"] = lg[mem_key] / p[mem_key]
     print(
         f"\nprefalign/stock time: {ratios['time_prefalign_over_stock']:.2f}×; "
         f"stock/prefalign peak memory: {ratios['mem_stock_over_prefalign']:.2f}×"
     )
     device = "cuda" if "peak_mem_mib" in s else "cpu"
-    out = Path(args.out) if args.out else RESULTS / f"dpo_step_{device}.json"
+    name = f"dpo_step_{device}_axolotl{versions['axolotl']}.json"
+    out = Path(args.out) if args.out else RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
                 "benchmark": "dpo_step",
+                "versions": versions,
                 "settings": {
                     k: v for k, v in vars(args).items() if k not in ("which", "out")
                 },
+                "not_run": failed,
                 "machine": machine(),
                 "memory_metric": mem_key,
                 "results": results,
