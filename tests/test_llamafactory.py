@@ -375,6 +375,7 @@ def _lf_example(name: str, tmp_path: Path, model_dir: Path, **overrides) -> Path
         model_name_or_path=str(model_dir),
         output_dir=str(tmp_path / "out"),
         max_steps=2,
+        logging_steps=1,  # the samples log every 1 or 5 steps; two steps here
         learning_rate=0.05,
         cutoff_len=128,
         use_cpu=True,
