@@ -245,3 +245,15 @@ def test_axolotl_train_on_the_robustft_type(tiny_model_dir, tmp_path):
     assert [p.name for p in (tmp_path / "out" / "robustft").iterdir()] == [
         result.out_dir.name
     ]
+    from huggingface_hub import ModelCard
+
+    # The run's card (Axolotl's SFT trainer) holds the denoising report.
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert {"axolotl", "prefalign", "robustft", "sft"} <= set(card.data.tags)
+    report = result.report
+    assert f"| clean (kept as labelled) | {report['clean']} |" in card.text
+    assert f"| relabelled | {report['relabelled']} |" in card.text
+    assert f"| training rows (clean + kept) | {report['train_rows']} |" in card.text
+    assert "| detection precision |" in card.text
+    assert "| detection recall |" in card.text
+    assert "luo2024robustft" in card.text

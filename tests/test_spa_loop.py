@@ -303,6 +303,10 @@ def test_loop_runs_stages_in_order_with_generated_configs(spa_yaml, tiny_model_d
     assert summary["iterations"][1]["training"]["last_rewards/accuracies"] == 0.75
     assert json.loads((out / "spa_summary.json").read_text()) == summary
     assert json.loads((out / "iter_1/metrics.json").read_text())["iteration"] == 1
+    # The final model's card: the per-iteration table and the loop's YAML.
+    card = (out / "iter_2/merged/README.md").read_text()
+    assert "| 1 | SPA | 2 | 1 |" in card
+    assert "kim2025spread" in card and "prompts_per_iteration" in card
 
 
 def test_generated_configs_pass_axolotl_validation(spa_yaml):
@@ -662,6 +666,17 @@ def test_spa_loop_end_to_end_on_the_cpu(tmp_path, tiny_model_dir):
     assert (out / "iter_2/merged/config.json").exists()
     trained = yaml.safe_load((out / "iter_2/config.yml").read_text())
     assert trained["prefalign"]["loss"] == "spa"
+    from huggingface_hub import ModelCard
+
+    # Each stage's card (written by its trainer) and the final model's card.
+    stage = ModelCard.load(out / "iter_1/README.md")
+    assert {"axolotl", "prefalign", "spa", "dpo"} <= set(stage.data.tags)
+    assert "| 0 | seed DPO |" in stage.text and "| 1 | SPA |" in stage.text
+    final = ModelCard.load(out / "iter_2/merged/README.md")
+    assert {"axolotl", "prefalign", "spa"} <= set(final.data.tags)
+    assert final.data.datasets == [str(seed), str(prompts)]
+    for i in range(3):
+        assert f"| {i} | {'seed DPO' if i == 0 else 'SPA'} |" in final.text
 
     # A second run finds every stage done and starts no subprocess.
     def stage_logs():

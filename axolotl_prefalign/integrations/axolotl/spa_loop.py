@@ -8,6 +8,7 @@ spa-expand`), and the layout, resumable state and statistics come from `spa.loop
 from __future__ import annotations
 
 import copy
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from ...spa.loop import (
     run_stages,
     stage_prefalign,
 )
+
+LOG = logging.getLogger("axolotl_prefalign")
 
 PLUGIN = "axolotl_prefalign.PrefAlignPlugin"
 PAIRS_TYPE = "axolotl_prefalign.spa_pairs"
@@ -139,7 +142,22 @@ def run_from_config(
     trainings = AxolotlTrainings(
         raw, spa, config_path, base, tokenizer, is_adapter_run(cfg)
     )
-    return run_stages(spa, out, trainings, runner)
+    summary = run_stages(spa, out, trainings, runner)
+    _final_card(cfg, config_path, summary)
+    return summary
+
+
+def _final_card(cfg: Any, config_path: Path, summary: dict[str, Any]) -> None:
+    # The final model is written by merge-lora (or is the last stage's output):
+    # its card holds the per-iteration table and the loop's YAML as written.
+    from .model_card import write_spa_card
+
+    try:
+        path = write_spa_card(cfg, config_path.read_text(encoding="utf-8"), summary)
+    except Exception:  # noqa: BLE001 - a card must never fail a finished loop
+        LOG.warning("SPA: could not write the final model card", exc_info=True)
+        return
+    LOG.info("SPA: model card of the final model: %s", path)
 
 
 @dataclass

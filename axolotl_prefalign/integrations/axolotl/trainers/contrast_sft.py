@@ -23,6 +23,7 @@ from axolotl.utils.collators import (
 
 from ....contrast.format import NEGATIVE_LABELS
 from ....core.logprobs import IGNORE_INDEX
+from ..model_card import CardMixin
 
 
 def unlikelihood_loss(
@@ -46,8 +47,9 @@ def unlikelihood_loss(
     return -log_one_minus_p.mean()
 
 
-class ContrastSFTTrainer(AxolotlTrainer):
-    """AxolotlTrainer whose loss adds `weight × unlikelihood_loss` when weight > 0."""
+class ContrastSFTTrainer(CardMixin, AxolotlTrainer):
+    """AxolotlTrainer whose loss adds `weight × unlikelihood_loss` when weight > 0;
+    its model card is the run's (`model_card.CardMixin`)."""
 
     def __init__(self, *args: Any, unlikelihood_weight: float | None = None, **kwargs):
         self._unlikelihood_weight = unlikelihood_weight

@@ -21,6 +21,7 @@ from trl.trainer.utils import use_adapter
 
 from ....core.config import PrefAlignConfig, prefalign_config
 from ....core.preference import JUDGE_FIELDS, JudgeFieldsCollator, PreferenceStep
+from ..model_card import CardMixin
 
 
 def _current_prefalign() -> PrefAlignConfig:
@@ -32,8 +33,9 @@ def _current_prefalign() -> PrefAlignConfig:
     return prefalign_config(cfg) if cfg is not None else PrefAlignConfig()
 
 
-class PrefAlignDPOTrainer(AxolotlDPOTrainer):
-    """Axolotl's DPO trainer with the fused log-prob path and prefalign's losses."""
+class PrefAlignDPOTrainer(CardMixin, AxolotlDPOTrainer):
+    """Axolotl's DPO trainer with the fused log-prob path and prefalign's losses;
+    its model card is the run's (`model_card.CardMixin`)."""
 
     tag_names = ["axolotl", "dpo", "prefalign"]
 
