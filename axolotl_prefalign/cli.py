@@ -142,6 +142,37 @@ def denoise(config: Path) -> None:
     denoise_from_config(load_config(config))
 
 
+@prefalign.command("eval-pairs")
+@config_arg
+@click.option(
+    "--split",
+    required=True,
+    help="Held-out rows of the dataset, in Axolotl's split syntax (e.g. train[60:]).",
+)
+@click.option(
+    "--trained",
+    "trained",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="LoRA adapter or model folder to compare with the base (default: "
+    "the YAML's output_dir).",
+)
+@click.option("--dataset", "dataset_index", default=0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+def eval_pairs(config: Path, split: str, trained, dataset_index, batch_size) -> None:
+    """Held-out preference accuracy (logp chosen > logp rejected), base vs trained."""
+    from .integrations.axolotl.eval_pairs import evaluate_heldout
+
+    result = evaluate_heldout(
+        load_config(config),
+        split,
+        trained,
+        dataset_index=dataset_index,
+        batch_size=batch_size,
+    )
+    click.echo(result.line())
+
+
 @prefalign.command("export")
 @click.option(
     "--to",
