@@ -5,13 +5,17 @@
     python benchmarks/logprob_path.py --train-head   # the head trains too
     python benchmarks/logprob_path.py --case 128256:2x2048:2048 --case ...
 
-Paths: `plain` (full logits, log_softmax, gather), `fused` (ours, default chunk from
-V unless --chunk-size), `trl` (TRL 1.16.0's `trl.kernels.ChunkedLogProbFunction` with
-its default tile of 4096 tokens × 32768 vocabulary columns) and `trl_8192` (the same
+Paths: `plain` (full logits, log_softmax, gather), `fused` (ours: on the CPU blocks
+of 512 rows × 2048 vocabulary columns, unless --chunk-size / --vocab-tile), `trl`
+(TRL 1.16.0's `trl.kernels.ChunkedLogProbFunction` with its default tile of 4096
+tokens × 32768 vocabulary columns) and `trl_8192` (the same
 with 8192 columns). TRL comes from a side folder (`--trl-site`, default
 benchmarks/.trl116, installed there with `pip install --no-deps --target` on first
 use), so the project's own TRL stays as Axolotl pins it; off CUDA it runs its torch
-fold (no Triton).
+fold (no Triton). By `--impls` only: `fused_untiled` (ours before the vocabulary
+tiling: rows from V, all of V per block) and `products_only` (the two
+vocabulary-sized products z = h Wᵀ and z W alone, no softmax: the time floor of any
+exact path with a frozen head; not log-probs).
 
 Each case runs in a fresh subprocess, in which the two paths alternate step by step,
 so that load from other processes hits both alike. Times are wall-clock medians; the
@@ -46,6 +50,7 @@ VOCABS = (32000, 128256)
 TRL_VERSION = "1.16.0"
 TRL_SITE = HERE / ".trl116"
 IMPLS = ("plain", "fused", "trl", "trl_8192")
+EXTRA_IMPLS = ("fused_untiled", "products_only")  # by --impls only
 TOKENS = ((2, 512), (2, 2048), (2, 4096))
 HIDDENS = (2048, 4096)
 QUICK = [(32000, (2, 512), 2048), (128256, (2, 512), 2048), (32000, (2, 2048), 2048)]
@@ -87,7 +92,11 @@ def worker(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from axolotl_prefalign.core.logprobs import plain_token_logprobs, token_logprobs
+    from axolotl_prefalign.core.logprobs import (
+        default_chunk_size,
+        plain_token_logprobs,
+        token_logprobs,
+    )
 
     trl_fn = None
     if any(i.startswith("trl") for i in spec["impls"]):
@@ -115,7 +124,14 @@ def worker(spec: dict) -> dict:
     labels = torch.randint(0, vocab, (batch, seq), device=device)
     fns = {
         "plain": plain_token_logprobs,
-        "fused": lambda h, w, y: token_logprobs(h, w, y, chunk_size=spec["chunk_size"]),
+        "fused": lambda h, w, y: token_logprobs(
+            h, w, y, chunk_size=spec["chunk_size"], vocab_tile=spec.get("vocab_tile")
+        ),
+        # Ours before the CPU vocabulary tiling: rows from V, the whole vocabulary.
+        "fused_untiled": lambda h, w, y: token_logprobs(
+            h, w, y, chunk_size=default_chunk_size(vocab), vocab_tile=vocab
+        ),
+        "products_only": products_only,
         "trl": trl_fn,
         "trl_8192": lambda h, w, y: trl_fn(h, w, y, columns=8192),
     }
@@ -166,6 +182,32 @@ def worker(spec: dict) -> dict:
         res["peak_bytes"] = max(res.pop("peaks"))
         res["max_abs_diff_vs_plain"] = diffs[impl]
     return results
+
+
+def products_only(hidden, weight, labels, rows: int = 512):
+    """The floor of any exact path with a frozen head: the two vocabulary-sized
+    products (z = h Wᵀ, then z W), in blocks of `rows`, without the softmax. Returns
+    zeros shaped like `labels` whose backward hands back the second product: the
+    time of the products alone, NOT log-probs."""
+    import torch
+
+    class Products(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w):
+            flat = h.reshape(-1, h.shape[-1])
+            out = torch.empty_like(flat)
+            for start in range(0, flat.shape[0], rows):
+                z = flat[start : start + rows] @ w.t()
+                torch.mm(z, w, out=out[start : start + rows])
+            ctx.save_for_backward(out)
+            return h.new_zeros(labels.shape)
+
+        @staticmethod
+        def backward(ctx, g):
+            (out,) = ctx.saved_tensors
+            return (out * g.reshape(-1, 1)).view(*labels.shape, -1), None
+
+    return Products.apply(hidden, weight)
 
 
 def run_case(spec: dict) -> dict:
@@ -312,7 +354,17 @@ def main() -> None:
         "--chunk-size", type=int, default=None, help="fused path (default: from V)"
     )
     parser.add_argument(
-        "--impls", nargs="*", default=list(IMPLS), help=f"paths (default {IMPLS})"
+        "--vocab-tile",
+        type=int,
+        default=None,
+        help="fused path's vocabulary columns per block (default: 2048 on the CPU)",
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="*",
+        default=list(IMPLS),
+        choices=IMPLS + EXTRA_IMPLS,
+        help=f"paths (default {IMPLS}; also {EXTRA_IMPLS})",
     )
     parser.add_argument("--trl-site", type=Path, default=TRL_SITE)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -326,7 +378,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from axolotl_prefalign.core.logprobs import default_chunk_size
+    from axolotl_prefalign.core.logprobs import block_shape
 
     device = args.device
     if device == "auto":
@@ -356,6 +408,7 @@ def main() -> None:
             hidden=hid,
             train_head=args.train_head,
             chunk_size=args.chunk_size,
+            vocab_tile=args.vocab_tile,
             warmup=args.warmup,
             repeats=args.repeats,
             trl_site=str(args.trl_site),
@@ -372,7 +425,9 @@ def main() -> None:
             row[impl] = res
         row["load_after"] = os.getloadavg()[0]
         if "fused" in row:
-            row["fused_chunk_size"] = args.chunk_size or default_chunk_size(vocab)
+            row["fused_chunk_size"], row["fused_vocab_tile"] = block_shape(
+                vocab, torch.device(device), args.chunk_size, args.vocab_tile
+            )
             f = row["fused"]
             for impl in (i for i in impls if i != "fused"):
                 row[f"mem_{impl}_over_fused"] = (
@@ -392,7 +447,8 @@ def main() -> None:
         "settings": {
             "dtype": "bfloat16" if device == "cuda" else "float32",
             "grad": "hidden and head" if args.train_head else "hidden only",
-            "chunk_size": args.chunk_size or "default_chunk_size(V)",
+            "chunk_size": args.chunk_size or "default (TILED_CHUNK when tiled)",
+            "vocab_tile": args.vocab_tile or "default_vocab_tile(V, device)",
             "impls": impls,
             "trl": trl_version,
             "trl_tiles": {"trl": [4096, 32768], "trl_8192": [4096, 8192]},

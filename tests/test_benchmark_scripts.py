@@ -34,7 +34,8 @@ def test_logprob_path_benchmark_runs_plain_fused_and_trl_side_by_side(tmp_path):
     result = json.loads(out.read_text())
     assert result["settings"]["trl"] == "1.16.0"
     (case,) = result["cases"]
-    assert case["fused_chunk_size"] == 4096  # 2^25 // 3000 rows, capped
+    # V = 3000 > 2048 on the CPU: tiled, TILED_CHUNK rows × VOCAB_TILE columns.
+    assert (case["fused_chunk_size"], case["fused_vocab_tile"]) == (512, 2048)
     for impl in ("plain", "fused", "trl", "trl_8192"):
         assert case[impl]["max_abs_diff_vs_plain"] < 1e-4, impl
         assert case[impl]["peak_bytes"] > 0 and case[impl]["median_s"] > 0

@@ -1,0 +1,144 @@
+"""The vocabulary-tiled fused path (online log-sum-exp over column tiles) equals the
+plain path, values and every gradient, and never builds a block over its tile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_logprobs import RecordOutputs, grads, make_case
+
+from axolotl_prefalign.core.logprobs import (
+    TILED_CHUNK,
+    VOCAB_TILE,
+    default_chunk_size,
+    default_vocab_tile,
+    plain_token_logprobs,
+    token_logprobs,
+)
+
+
+def tiled(chunk_size, tile):
+    return lambda h, w, y, b: token_logprobs(
+        h, w, y, bias=b, chunk_size=chunk_size, vocab_tile=tile
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize(
+    ("shape", "chunk_size", "tile"),
+    [
+        ((2, 9, 16, 37), 4, 5),  # ragged rows and a ragged last tile (37 = 7·5 + 2)
+        ((3, 12, 8, 50), 5, 1),  # one column per tile
+        ((1, 20, 32, 64), 1024, 16),  # one row chunk, tiles divide V
+        ((4, 6, 24, 64), 2, 63),  # a last tile of one column
+    ],
+)
+def test_tiled_values_and_all_grads_match_plain(
+    shape, chunk_size, tile, use_bias, dtype
+):
+    hidden, weight, bias, labels = make_case(*shape, dtype=dtype, bias=use_bias)
+    for x in (hidden, weight, bias):
+        if x is not None:
+            x.requires_grad_(True)
+    ref, ref_grads = grads(plain_token_logprobs, hidden, weight, bias, labels)
+    out, out_grads = grads(tiled(chunk_size, tile), hidden, weight, bias, labels)
+    assert torch.all(out[labels == -100] == 0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(out_grads, ref_grads, strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_gradcheck_float64():
+    hidden, weight, bias, labels = make_case(2, 5, 4, 7, dtype=torch.float64)
+    inputs = tuple(x.requires_grad_(True) for x in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: token_logprobs(
+            h, w, labels, bias=b, chunk_size=2, vocab_tile=3
+        ),
+        inputs,
+    )
+
+
+def test_confident_tokens_keep_a_relative_gradient():
+    """p_y = 1 − 5e-10: the gradient W[y] − E_p[W] is ~1e-9, and the tiled path gets
+    it to fp32 relative precision (float64 reference): it sums the other tokens'
+    mass directly instead of forming 1 − p_y, which rounds to 0 in fp32."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, hid = 40, 64
+    basis, _ = torch.linalg.qr(
+        torch.randn(hid, hid, generator=gen, dtype=torch.float64)
+    )
+    weight = basis[:vocab].float()  # orthonormal rows: z_v = c·[v = y] + noise
+    labels = torch.randint(0, vocab, (1, 6), generator=gen)
+    hidden = (weight[labels[0]] * 25.0)[None]
+    hidden = hidden + 0.01 * torch.randn(hidden.shape, generator=gen)
+
+    def grad_of(fn, h, w):
+        h = h.clone().requires_grad_(True)
+        fn(h, w, labels).sum().backward()
+        return h.grad
+
+    want = grad_of(plain_token_logprobs, hidden.double(), weight.double())
+    assert 1e-10 < want.abs().max() < 1e-7  # confident indeed, and not zero
+    for tile in (7, 13):
+        got = grad_of(
+            lambda h, w, y, t=tile: token_logprobs(h, w, y, vocab_tile=t),
+            hidden,
+            weight,
+        )
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-14)
+
+
+def test_bf16_tiled_stays_close_to_fp32():
+    hidden, weight, _, labels = make_case(2, 32, 64, 300, bias=False)
+    h16 = hidden.bfloat16().requires_grad_(True)
+    w16 = weight.bfloat16().requires_grad_(True)
+    out = token_logprobs(h16, w16, labels, chunk_size=7, vocab_tile=64)
+    out.sum().backward()
+    assert h16.grad.dtype == torch.bfloat16 and w16.grad.dtype == torch.bfloat16
+    h32 = h16.detach().float().requires_grad_(True)
+    w32 = w16.detach().float().requires_grad_(True)
+    ref = plain_token_logprobs(h32, w32, labels)
+    ref.sum().backward()
+    # The same bound as the untiled bf16 test (test_logprobs.py).
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(h16.grad.float(), h32.grad, rtol=5e-2, atol=2e-2)
+    torch.testing.assert_close(w16.grad.float(), w32.grad, rtol=5e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_tiled_never_builds_a_block_over_its_tile(train_head):
+    n_tok, hid, vocab, chunk, tile = 64, 8, 200, 16, 24
+    hidden = torch.randn(1, n_tok, hid, requires_grad=True)
+    weight = torch.randn(vocab, hid, requires_grad=train_head)
+    labels = torch.randint(0, vocab, (1, n_tok))
+    with RecordOutputs() as rec:
+        token_logprobs(
+            hidden, weight, labels, chunk_size=chunk, vocab_tile=tile
+        ).sum().backward()
+    vocab_wide = [s for _, s in rec.shapes if vocab in s and s != (vocab, hid)]
+    assert not vocab_wide, vocab_wide  # nothing [*, V] but the weight (and its grad)
+    blocks = [s for f, s in rec.shapes if "mm" in f and s[-1] != hid]
+    assert blocks and max(torch.Size(s).numel() for s in blocks) <= chunk * tile
+
+
+def test_default_blocks_tile_the_cpu_vocabulary_only():
+    assert default_vocab_tile(128256, "cpu") == VOCAB_TILE
+    assert default_vocab_tile(100, "cpu") == 100
+    assert default_vocab_tile(128256, "meta") == 128256  # not the CPU: whole V
+    # Default rows: TILED_CHUNK when tiled, default_chunk_size(V) when not.
+    hidden, weight, _, labels = make_case(1, TILED_CHUNK + 40, 4, VOCAB_TILE + 3)
+    labels[:] = 1
+    with RecordOutputs() as rec:
+        token_logprobs(hidden, weight, labels)
+    rows = {s[0] for f, s in rec.shapes if "mm" in f and s[-1] in (VOCAB_TILE, 3)}
+    assert rows == {TILED_CHUNK, 40}
+    assert default_chunk_size(VOCAB_TILE + 3) > TILED_CHUNK  # the two differ
+
+
+def test_bad_vocab_tile_is_a_clear_error():
+    hidden, weight, _, labels = make_case(1, 4, 4, 9)
+    with pytest.raises(ValueError, match="vocab_tile must be >= 1, got 0"):
+        token_logprobs(hidden, weight, labels, vocab_tile=0)
