@@ -54,13 +54,12 @@ def machine() -> dict:
     return info
 
 
-def build_model(args, device):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(args, **extra):
+    """The benchmark's random Llama: `--vocab`, `--hidden`, `--layers`, room for
+    `--tokens` (also the LLaMA-Factory step benchmark's model)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 2,
@@ -69,8 +68,17 @@ def build_model(args, device):
         num_key_value_heads=max(args.hidden // 128, 1),
         max_position_embeddings=4 * args.tokens + 16,
         tie_word_embeddings=False,
+        **extra,
     )
-    model = LlamaForCausalLM(config).to(device)
+
+
+def build_model(args, device):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(args)).to(device)
     lora = LoraConfig(
         r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0
     )

@@ -39,24 +39,13 @@ def _rss_mib() -> float:
 def prepare(args, root: Path) -> tuple[Path, Path]:
     """The random model (with its tokenizer) and the pairs, written once."""
     import torch
+    from dpo_step import llama_config  # same folder
     from gpu_dpo_24gb import pair_rows, word_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     model_dir, data_dir = root / "model", root / "data"
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(args.hidden // 64, 1),
-        num_key_value_heads=max(args.hidden // 128, 1),
-        max_position_embeddings=4 * args.tokens + 16,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = llama_config(args, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     word_tokenizer(args.vocab).save_pretrained(model_dir)
     data_dir.mkdir(parents=True)

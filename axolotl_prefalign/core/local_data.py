@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .dataset_info import convert_row, dataset_entry, is_dataset_info
 from .rows import RowChecker
+
+LOG = logging.getLogger("axolotl_prefalign")
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -350,3 +353,47 @@ def checked_copy(rows: list[Any], name: str) -> Path:
     digest = hashlib.sha256(body.encode()).hexdigest()[:16]
     stem = name.split(".")[0] or "dataset"
     return write_jsonl(rows, cache_dir() / "checked" / f"{stem}-{digest}.jsonl")
+
+
+@dataclass
+class CheckedRows:
+    """What a pre-check kept: the rows, how many were skipped, and the checked copy
+    training must read instead of the file (None when the file can be read as is)."""
+
+    rows: list[Any]
+    skipped: int
+    copy: Path | None
+
+
+def keep_checked(
+    data: LocalRows,
+    keep: Callable[[list[Any], RowChecker], Iterable[int]],
+    on_bad_row: str,
+    *,
+    copy_always: bool = False,
+) -> CheckedRows:
+    """Check `data` row by row with `keep` (the indices of the usable rows).
+
+    Bad rows raise (on_bad_row: error) or are counted, logged and left out of a
+    checked copy (skip); no usable row at all is an error. `copy_always` writes the
+    copy even when nothing was skipped (rows converted from another format).
+    """
+    checker = data.checker(on_bad_row)
+    kept = [data.rows[i] for i in keep(data.rows, checker)]
+    checker.report()
+    skipped = data.n_skipped + checker.n_skipped
+    if not kept:
+        raise DataFileError(f"{data.source}: no usable rows ({skipped} skipped)")
+    copy = None
+    if skipped or copy_always:
+        copy = checked_copy(kept, Path(data.source).name)
+        if skipped:
+            LOG.warning(
+                "%s: %d row(s) kept, %d skipped (on_bad_row: skip); training reads "
+                "the checked copy %s",
+                data.source,
+                len(kept),
+                skipped,
+                copy,
+            )
+    return CheckedRows(kept, skipped, copy)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, MutableMapping
-from pathlib import Path
 from typing import Any
 
 from ...core.config import PrefAlignConfig
 from ...core.local_data import (
     DataFileError,
-    checked_copy,
     is_local,
+    keep_checked,
     looks_local,
     read_entry,
 )
@@ -87,36 +86,26 @@ def precheck_entry(
             raise DataFileError(f"{entry.get('path')} does not exist")
         return None  # a hub dataset: Axolotl loads it, our transform checks rows
     data = read_entry(entry, pa.on_bad_row)
-    checker = data.checker(pa.on_bad_row)
-    kept = [data.rows[i] for i in check(data.rows, checker, pa)]
-    checker.report()
-    skipped = data.n_skipped + checker.n_skipped
-    if not kept:
-        raise ValueError(f"{data.source}: no usable rows ({skipped} skipped)")
-    if skipped or data.converted:
-        copy = checked_copy(kept, Path(data.source).name)
-        if skipped:
-            LOG.warning(
-                "%s: %d row(s) kept, %d skipped (on_bad_row: skip); training reads "
-                "the checked copy %s",
-                data.source,
-                len(kept),
-                skipped,
-                copy,
-            )
-        else:
+    checked = keep_checked(
+        data,
+        lambda rows, checker: check(rows, checker, pa),
+        pa.on_bad_row,
+        copy_always=data.converted,
+    )
+    if checked.copy is not None:
+        if not checked.skipped:
             LOG.info(
                 "%s: %d row(s) of LLaMA-Factory dataset %r, read as %s",
                 data.source,
-                len(kept),
+                len(checked.rows),
                 entry.get("name"),
-                copy,
+                checked.copy,
             )
-        entry["path"] = str(copy)
+        entry["path"] = str(checked.copy)
         entry["ds_type"] = "json"
         for key in ("data_files", "name"):  # the copy is one plain jsonl file
             entry.pop(key, None)
-    return len(kept), skipped
+    return len(checked.rows), checked.skipped
 
 
 _deferred = False

@@ -221,7 +221,7 @@ def precheck(args: dict[str, Any], pa: PrefAlignConfig) -> None:
     """Check local `formatting: prefalign_pairs` files line by line; under
     `on_bad_row: skip` LLaMA-Factory reads checked copies (a rewritten
     dataset_info.json in the cache) without the bad rows."""
-    from ...core.local_data import DataFileError, checked_copy, read_local
+    from ...core.local_data import DataFileError, keep_checked, read_local
     from ...core.models import cache_dir
     from ...spa.pairs import normalize_pair
 
@@ -243,27 +243,20 @@ def precheck(args: dict[str, Any], pa: PrefAlignConfig) -> None:
             data = read_local(path, source=str(path), on_bad_row=pa.on_bad_row)
         except DataFileError as err:
             raise LaunchError(f"dataset {name!r}: {err}") from None
-        checker = data.checker(pa.on_bad_row)
-        kept = [
-            row
-            for i, row in enumerate(data.rows)
-            if normalize_pair(row, i, checker) is not None
-        ]
-        checker.report()
-        skipped = data.n_skipped + checker.n_skipped
-        if not kept:
-            raise LaunchError(f"{path}: no usable rows ({skipped} skipped)")
-        if skipped:
-            copy = checked_copy(kept, path.name)
-            LOG.warning(
-                "%s: %d row(s) kept, %d skipped (on_bad_row: skip); training reads "
-                "the checked copy %s",
-                path,
-                len(kept),
-                skipped,
-                copy,
+        try:
+            checked = keep_checked(
+                data,
+                lambda rows, checker: (
+                    i
+                    for i, row in enumerate(rows)
+                    if normalize_pair(row, i, checker) is not None
+                ),
+                pa.on_bad_row,
             )
-            entry["file_name"] = str(copy)
+        except DataFileError as err:
+            raise LaunchError(str(err)) from None
+        if checked.copy is not None:
+            entry["file_name"] = str(checked.copy)
             changed = True
     if changed:
         # Relative file names resolve against the new folder: make them absolute.
