@@ -153,6 +153,26 @@ class SpaPromptSource(_Strict):
         description="The dataset's name when `path` is a LLaMA-Factory "
         "dataset_info.json (alpaca or sharegpt; the prompt column is `prompt`).",
     )
+    gold_field: str | None = Field(
+        None,
+        description="Column with each prompt's correct answer (a letter or an "
+        "option's text with gold_options_field): the loop then writes "
+        "iter_<i>/gold_report.json (self-label accuracy, noise-flag precision/recall).",
+    )
+    gold_options_field: str | None = Field(
+        None,
+        description="Column with each prompt's list of option texts (multiple "
+        "choice): a sample is judged by the option it names, letter or text.",
+    )
+
+    @model_validator(mode="after")
+    def _options_need_gold(self) -> SpaPromptSource:
+        if self.gold_options_field and not self.gold_field:
+            raise ValueError(
+                "gold_options_field needs gold_field (the column with the correct "
+                "answer)"
+            )
+        return self
 
 
 class SpaConfig(_Strict):
@@ -222,6 +242,24 @@ class SpaConfig(_Strict):
         "equal parts); with one source per iteration, a cap per source.",
     )
     seed: int = Field(42, description="Sampling seed (per block of prompts).")
+    gold_checker: Literal["choice", "contains", "exact"] = Field(
+        "choice",
+        description="How a sampled answer is judged against a prompt source's "
+        "gold_field: choice = the one option it names (letter or text; none or "
+        "several = unknown), contains = the gold text appears in it, exact = "
+        "equal (both normalised).",
+    )
+    flags_file: str | None = Field(
+        None,
+        description="Internal, set by the SPA loop when gold is configured: the "
+        "JSON-lines file where the SPA loss records each training pair's noise "
+        "flags (c with and without DND) by pair id.",
+    )
+
+    @property
+    def has_gold(self) -> bool:
+        """True when a prompt source names a gold answer column."""
+        return any(p.gold_field for p in self.prompts)
 
     def dnd_lambda(self, iteration: int | None = None) -> float:
         """λ of the given (default: current) iteration; 0 when DND is off."""
@@ -297,6 +335,61 @@ class RobustFTConfig(_Strict):
         "default <output_dir>/robustft.",
     )
     fields: RobustFTFields = Field(default_factory=RobustFTFields)
+    # Expert options beyond the paper (docs/robustft.md, "Beyond the paper").
+    expert_scoring: Literal["generate", "loglik"] = Field(
+        "generate",
+        description="generate (paper): the plain prediction ŷ is the letter the "
+        "expert generates; loglik: for multiple-choice rows ŷ is the option whose "
+        "text has the highest summed token log-likelihood (no length "
+        "normalisation) as the assistant reply to the question with its lettered "
+        "options; other rows fall back to generation (counted in the report).",
+    )
+    expert_training: Literal["none", "crossfit"] = Field(
+        "none",
+        description="crossfit: one more expert, a LoRA of the base model trained "
+        "on the noisy labels of the other folds (k-fold cross-fitting) that scores "
+        "each held-out row by option log-likelihood (out-of-fold probabilities); "
+        "needs multiple-choice rows.",
+    )
+    crossfit_folds: int = Field(3, ge=2, description="k of the cross-fitting.")
+    crossfit_epochs: float = Field(
+        2.0, gt=0.0, description="Epochs of each fold's LoRA SFT."
+    )
+    crossfit_learning_rate: float = Field(
+        2e-4, gt=0.0, description="AdamW learning rate of each fold's LoRA."
+    )
+    crossfit_lora_r: int = Field(16, ge=1, description="LoRA rank (alpha = 2r).")
+    crossfit_batch_size: int = Field(
+        8, ge=1, description="Rows per training step of each fold's LoRA."
+    )
+    seed: int = Field(42, description="Seed of the fold split and LoRA training.")
+    detection: Literal["agreement", "cleanlab"] = Field(
+        "agreement",
+        description="agreement (paper): clean when the predictions agree with the "
+        "label; cleanlab: noisy = cleanlab.filter.find_label_issues(labels, "
+        "option probabilities) (needs expert_scoring: loglik or expert_training: "
+        "crossfit).",
+    )
+    selection: Literal["entropy", "quota"] = Field(
+        "entropy",
+        description="entropy (paper): the ceil(β·n) lowest-H relabelled rows; quota: "
+        "the same total split per label in proportion to the input labels "
+        "(largest remainder, capped by what each label has), lowest H within each.",
+    )
+
+    @model_validator(mode="after")
+    def _check_detection(self) -> RobustFTConfig:
+        if (
+            self.detection == "cleanlab"
+            and self.expert_scoring != "loglik"
+            and self.expert_training != "crossfit"
+        ):
+            raise ValueError(
+                "detection: cleanlab needs option probabilities: set "
+                "prefalign.robustft.expert_scoring: loglik or "
+                "prefalign.robustft.expert_training: crossfit"
+            )
+        return self
 
 
 class PrefAlignConfig(_Strict):
@@ -311,8 +404,15 @@ class PrefAlignConfig(_Strict):
     chunk_size: int | None = Field(
         None,
         ge=1,
-        description="Tokens per lm_head chunk; None picks it from the vocabulary "
-        "(chunk × V ≤ 2^25: 256 at V = 128256).",
+        description="Tokens per lm_head chunk; None: 512 where the vocabulary is "
+        "tiled (the CPU), else from the vocabulary (chunk × V ≤ 2^25: 256 at "
+        "V = 128256).",
+    )
+    vocab_tile: int | None = Field(
+        None,
+        ge=1,
+        description="Vocabulary columns per lm_head block (online log-sum-exp over "
+        "the tiles); None: 2048 on the CPU, the whole vocabulary on CUDA.",
     )
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="ε for cdpo / robust."

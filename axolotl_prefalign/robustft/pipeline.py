@@ -4,6 +4,9 @@
 output folder:
 
     predictions/NN-<expert>/  shards + manifest: each expert's plain / reasoning replies
+                              (and option log-likelihoods with expert_scoring: loglik)
+    crossfit/fold-N/          (expert_training: crossfit) fold N's out-of-fold option
+                              probabilities; its manifest lists the rows it trained on
     relabel/                  shards + manifest: context-enhanced replies and their H;
                               neighbours.json: the retrieved clean examples
     review/                   shards + manifest: the review replies (review: model)
@@ -48,11 +51,13 @@ from .answers import (
     answers_match,
     infer_kind,
     label_text,
+    normalize_text,
     parse_label,
     write_label,
 )
-from .detect import detect_noise
-from .predict import Predictor, load_model_predictor, predict_rows
+from .crossfit import FoldFit, LoraCrossfit, crossfit_option_probs
+from .detect import DetectionError, detect_noise
+from .predict import Predictor, Scorer, load_model_predictor, predict_rows
 from .relabel import (
     Encoder,
     load_encoder,
@@ -60,7 +65,7 @@ from .relabel import (
     retrieve_examples,
     review_labels,
 )
-from .select import select_by_entropy
+from .select import label_counts, select_by_entropy, select_by_quota
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -68,6 +73,21 @@ DATASET_TYPE = "axolotl_prefalign.robustft"
 TRAIN_FILE, ALL_FILE, REPORT_FILE = "denoised.jsonl", "all.jsonl", "report.json"
 NEIGHBOURS_FILE = "neighbours.json"
 BASE_EXPERT = "base"
+CROSSFIT_EXPERT = "crossfit"
+# Settings added after the first release: left out of the cache key at their
+# defaults, so folders written before them keep their names.
+KEY_DEFAULTS_OMITTED = (
+    "expert_scoring",
+    "expert_training",
+    "crossfit_folds",
+    "crossfit_epochs",
+    "crossfit_learning_rate",
+    "crossfit_lora_r",
+    "crossfit_batch_size",
+    "seed",
+    "detection",
+    "selection",
+)
 PREFIX = "robustft_"
 
 
@@ -212,8 +232,12 @@ def cache_key(
 ) -> str:
     """Hash of the settings, models and input rows that name an output folder."""
     h = hashlib.sha256()
+    dumped = settings.model_dump(mode="json", exclude={"output_dir"})
+    for name in KEY_DEFAULTS_OMITTED:
+        if dumped[name] == RobustFTConfig.model_fields[name].default:
+            del dumped[name]
     meta = {
-        "robustft": settings.model_dump(mode="json", exclude={"output_dir"}),
+        "robustft": dumped,
         "base_model": base_model,
         "on_bad_row": on_bad_row,
         "version": 1,
@@ -266,6 +290,24 @@ class _Models:
 
         return call
 
+    def scorer(self, path: str) -> Scorer:
+        """The option log-likelihoods of the model at `path` (its predictor's
+        `reply_logliks`)."""
+
+        def call(prompts, replies):
+            if self.path != path:
+                self.release()
+                self.current, self.path = self.load(path), path
+            score = getattr(self.current, "reply_logliks", None)
+            if score is None:
+                raise RobustFTError(
+                    "expert_scoring: loglik needs a predictor with reply_logliks "
+                    f"(got {type(self.current).__name__})"
+                )
+            return score(prompts, replies)
+
+        return call
+
     def release(self) -> None:
         if self.current is None:
             return
@@ -299,13 +341,15 @@ def denoise_dataset(
     encoder: Encoder | None = None,
     load_in_4bit: bool = False,
     lines: Sequence[int | None] | None = None,
+    crossfit_fit: FoldFit | None = None,
 ) -> DenoiseResult:
     """Detect, relabel and select the noisy rows of `ds`; resumable in `out_dir`.
 
     `lines` (each row's line in a JSON-lines file) lets errors name the line.
 
-    `load_predictor(path)` and `encoder` replace the local HF models and the
-    sentence encoder (tests pass fixed replies and a bag-of-words embedding).
+    `load_predictor(path)`, `encoder` and `crossfit_fit` replace the local HF
+    models, the sentence encoder and the per-fold LoRA training (tests pass fixed
+    replies, a bag-of-words embedding and recorded folds).
     """
     out_dir = Path(out_dir)
     if (out_dir / REPORT_FILE).exists():
@@ -316,6 +360,10 @@ def denoise_dataset(
     rows, skipped = prepare_rows(ds, settings, checker)
     experts = expert_list(settings, base_model)
     relabel_path = base_model or experts[0][1]
+    crossfit = settings.expert_training == "crossfit"
+    if crossfit:
+        _check_all_choice(rows, "expert_training: crossfit")
+    fallback = _loglik_fallback(rows, settings)
     if load_predictor is None:
 
         def load_predictor(path: str) -> Predictor:
@@ -328,12 +376,15 @@ def denoise_dataset(
             )
 
     models = _Models(load_predictor)
+    loglik = settings.expert_scoring == "loglik"
     try:
         predictions = {}
         for i, (name, path) in enumerate(experts):
+            meta = {"stage": "predict", "expert": name}
+            if loglik:
+                meta["scoring"] = "loglik"
             writer = ShardWriter(
-                out_dir / "predictions" / f"{i:02d}-{_slug(name)}",
-                meta={"stage": "predict", "expert": name},
+                out_dir / "predictions" / f"{i:02d}-{_slug(name)}", meta=meta
             )
             predictions[name] = predict_rows(
                 rows,
@@ -344,13 +395,24 @@ def denoise_dataset(
                 batch_size=settings.batch_size,
                 writer=writer,
                 desc=f"predict ({name})",
+                scorer=models.scorer(path) if loglik else None,
             )
-        checked = detect_noise(
-            rows,
-            predictions,
-            agreement=settings.agreement,
-            rel_tol=settings.number_rel_tol,
-        )
+        if crossfit:
+            models.release()  # the folds load their own copy of the base model
+            predictions[CROSSFIT_EXPERT] = _crossfit(
+                rows, settings, out_dir, relabel_path, crossfit_fit, load_in_4bit
+            )
+        try:
+            checked = detect_noise(
+                rows,
+                predictions,
+                agreement=settings.agreement,
+                rel_tol=settings.number_rel_tol,
+                detection=settings.detection,
+                probs_expert=CROSSFIT_EXPERT if crossfit else None,
+            )
+        except DetectionError as err:
+            raise RobustFTError(str(err)) from None
         noisy_mask = checked["noisy"] if len(checked) else []
         clean = checked.select([i for i, n in enumerate(noisy_mask) if not n])
         noisy = checked.select([i for i, n in enumerate(noisy_mask) if n])
@@ -364,16 +426,109 @@ def denoise_dataset(
         if len(reviewed)
         else reviewed
     )
-    selected = (
-        select_by_entropy(candidates, settings.select_ratio)
-        if len(candidates)
-        else candidates
-    )
+    quotas = None
+    if not len(candidates):
+        selected = candidates
+    elif settings.selection == "quota":
+        keyed = candidates.add_column(
+            "label_key",
+            [label_key(r["kind"], r["new_label"]) for r in candidates],
+        )
+        selected, quotas = select_by_quota(
+            keyed,
+            settings.select_ratio,
+            [label_key(r["kind"], r["label"]) for r in rows],
+            label_column="label_key",
+        )
+    else:
+        selected = select_by_entropy(candidates, settings.select_ratio)
+    extra = {"loglik_fallback_rows": fallback, "selection_quotas": quotas}
     result = _write_outputs(
-        ds, settings, out_dir, clean, reviewed, selected, skipped, experts, source
+        ds,
+        settings,
+        out_dir,
+        clean,
+        reviewed,
+        selected,
+        skipped,
+        [*experts, *([(CROSSFIT_EXPERT, relabel_path)] if crossfit else [])],
+        source,
+        extra,
     )
     LOG.info("robustft: wrote %s", out_dir)  # the caller shows the report
     return result
+
+
+def label_key(kind: str, label: str | None) -> str | None:
+    """A label as the class it counts for (quota and label_distribution): the
+    letter, the canonical number, or the normalised text."""
+    if label is None:
+        return None
+    return normalize_text(label) if kind == "text" else str(label)
+
+
+def _check_all_choice(rows: Dataset, what: str) -> None:
+    other = [r["idx"] for r in rows if r["kind"] != "choice"] if len(rows) else []
+    if other:
+        raise RobustFTError(
+            f"{what} needs multiple-choice rows (an options column); {len(other)} "
+            f"row(s) are number or text answers (first: row {other[0]})"
+        )
+
+
+def _loglik_fallback(rows: Dataset, settings: RobustFTConfig) -> int | None:
+    """Rows that expert_scoring: loglik cannot score (no options): they fall back
+    to the generated plain answer; logged once, counted in the report."""
+    if settings.expert_scoring != "loglik":
+        return None
+    n = sum(1 for r in rows if r["kind"] != "choice") if len(rows) else 0
+    if n:
+        LOG.warning(
+            "robustft: expert_scoring loglik scores multiple-choice rows only; %d of "
+            "%d row(s) are number/text answers and use the generated plain answer",
+            n,
+            len(rows),
+        )
+    return n
+
+
+def _crossfit(
+    rows: Dataset,
+    settings: RobustFTConfig,
+    out_dir: Path,
+    base_path: str,
+    fit: FoldFit | None,
+    load_in_4bit: bool,
+) -> Dataset:
+    """The cross-fitted expert's out-of-fold option probabilities (crossfit/)."""
+    default = None
+    if fit is None:
+        from ..core.models import resolve_model_path
+
+        fit = default = LoraCrossfit(
+            resolve_model_path(_alias(base_path)),
+            epochs=settings.crossfit_epochs,
+            learning_rate=settings.crossfit_learning_rate,
+            lora_r=settings.crossfit_lora_r,
+            batch_size=settings.crossfit_batch_size,
+            seed=settings.seed,
+            score_batch_size=settings.batch_size,
+            load_in_4bit=load_in_4bit,
+        )
+    try:
+        oof = crossfit_option_probs(
+            rows,
+            fit,
+            folds=settings.crossfit_folds,
+            seed=settings.seed,
+            out_dir=out_dir / "crossfit",
+        )
+    except ValueError as err:
+        raise RobustFTError(str(err)) from None
+    finally:
+        if default is not None:
+            default.release()
+    return oof
 
 
 def _alias(path: str) -> str:
@@ -468,10 +623,19 @@ def _write_outputs(
     skipped: Mapping[int, str],
     experts: Sequence[tuple[str, str]],
     source: str,
+    extra: Mapping[str, Any] | None = None,
 ) -> DenoiseResult:
     """Write denoised.jsonl, all.jsonl and report.json (last: marks completion)."""
     answer_field = settings.fields.answer
+    with_probs = (
+        settings.expert_scoring == "loglik" or settings.expert_training == "crossfit"
+    )
     chosen = set(selected["idx"]) if len(selected) else set()
+    cut = (
+        "entropy above its label's quota (selection: quota)"
+        if settings.selection == "quota"
+        else "entropy above the select_ratio cut"
+    )
     info: dict[int, dict[str, Any]] = {}
     for r in clean:
         info[r["idx"]] = {**r, "status": "clean", "new": r["label"], "why": None}
@@ -479,7 +643,7 @@ def _write_outputs(
         if r["idx"] in chosen:
             status, why = "relabelled", None
         elif r["new_label"] is not None:
-            status, why = "dropped", "entropy above the select_ratio cut"
+            status, why = "dropped", cut
         else:
             status, why = "dropped", r["drop_reason"]
         info[r["idx"]] = {**r, "status": status, "new": r["new_label"], "why": why}
@@ -521,6 +685,8 @@ def _write_outputs(
                 f"{PREFIX}drop_reason": r["why"],
             }
         )
+        if with_probs:
+            row[f"{PREFIX}option_probs"] = r.get("option_probs")
         if r["status"] != "dropped":
             row[answer_field] = new
             train_rows.append(row)
@@ -537,6 +703,9 @@ def _write_outputs(
     )
     report["output_dir"] = str(out_dir)
     report["one_answer_experts"] = one_answer_experts(info)
+    for name, value in (extra or {}).items():
+        if value is not None:
+            report[name] = value
     _warn_if_experts_look_weak(report)
     _write_jsonl(out_dir / ALL_FILE, all_rows)
     _write_jsonl(out_dir / TRAIN_FILE, train_rows)
@@ -653,6 +822,29 @@ def _rate(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
 
+def label_distribution(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Label counts of the input rows (as labelled), of the relabelled candidates
+    (their pseudo-labels) and of the kept training set (clean + selected)."""
+    train = [r for r in rows if r["status"] in ("clean", "relabelled")]
+    return {
+        "input": label_counts([label_key(r["kind"], r["label"]) for r in rows]),
+        "relabelled": label_counts(
+            [
+                label_key(r["kind"], r["new"])
+                for r in rows
+                if r["status"] != "clean" and r["new"] is not None
+            ]
+        ),
+        "train": label_counts([label_key(r["kind"], r["new"]) for r in train]),
+    }
+
+
+def _distribution_rows(dist: Mapping[str, Mapping[str, int]]) -> list[list[Any]]:
+    labels = sorted(set().union(*(set(v) for v in dist.values())))
+    parts = ("input", "relabelled", "train")
+    return [[label, *(dist[p].get(label, 0) for p in parts)] for label in labels]
+
+
 def build_report(
     *,
     ds_len: int,
@@ -680,6 +872,11 @@ def build_report(
         "dropped": len(noisy) - len(selected),
         "train_rows": len(rows) - len(noisy) + len(selected),
         "experts": list(experts),
+        "expert_scoring": settings.expert_scoring,
+        "expert_training": settings.expert_training,
+        "detection": settings.detection,
+        "selection": settings.selection,
+        "label_distribution": label_distribution(rows),
         "settings": settings.model_dump(mode="json"),
         "files": {"train": TRAIN_FILE, "all": ALL_FILE},
     }
@@ -727,6 +924,14 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"  dropped               {report['dropped']:>6}",
         f"  training rows         {report['train_rows']:>6}",
     ]
+    if "expert_scoring" in report:
+        lines.append(
+            f"  scoring {report['expert_scoring']}, training "
+            f"{report['expert_training']}, detection {report['detection']}, "
+            f"selection {report['selection']}"
+        )
+    if report.get("loglik_fallback_rows"):
+        lines.append(f"  generated (no options) {report['loglik_fallback_rows']:>5}")
     gold = report.get("gold")
     if gold:
         lines += [
@@ -739,6 +944,12 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"  label accuracy in     {pct(gold['label_accuracy_in']):>6}",
             f"  label accuracy out    {pct(gold['label_accuracy_out']):>6}",
         ]
+    dist = report.get("label_distribution")
+    if dist:
+        row = "  {:<14} {:>7} {:>11} {:>7}"
+        lines.append(row.format("label", "in", "relabelled", "kept"))
+        for label, n_in, n_rel, n_kept in _distribution_rows(dist):
+            lines.append(row.format(label[:14], n_in, n_rel, n_kept))
     if "output_dir" in report:
         lines.append(f"  output: {report['output_dir']}")
     return "\n".join(lines)
@@ -773,6 +984,12 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         ]
         text += "\n\n" + markdown_table(
             [f"against the gold column `{gold['field']}`", "rate"], rates
+        )
+    dist = report.get("label_distribution")
+    if dist:
+        text += "\n\n" + markdown_table(
+            ["label", "input", "relabelled", "kept for training"],
+            _distribution_rows(dist),
         )
     return text
 

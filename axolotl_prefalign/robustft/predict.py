@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..core.generation import Generation, Prompt
 from ..core.shards import ShardWriter
 from .answers import letters
+from .loglik import best_option, option_probs
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -172,8 +173,18 @@ def call_predictor(
     return [as_generation(r) for r in replies]
 
 
+class Scorer(Protocol):
+    """Summed log-likelihood of each reply as the assistant turn after its user
+    prompt (`loglik.reply_logliks`); `expert_scoring: loglik` and cross-fitting."""
+
+    def __call__(
+        self, prompts: Sequence[str], replies: Sequence[str]
+    ) -> Sequence[float]: ...
+
+
 class ModelPredictor:
-    """Greedy replies from a local HF causal LM via `generation.generate`."""
+    """Greedy replies from a local HF causal LM via `generation.generate`; its
+    `reply_logliks` scores given replies instead (a `Scorer`)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int, name: str):
         self.model, self.tokenizer = model, tokenizer
@@ -200,11 +211,27 @@ class ModelPredictor:
         )
         return [gens[0] for gens in out]
 
+    def reply_logliks(
+        self, prompts: Sequence[str], replies: Sequence[str]
+    ) -> list[float]:
+        """Σ log p(reply | prompt) per pair (see `loglik`)."""
+        from .loglik import reply_logliks
+
+        return reply_logliks(
+            self.model, self.tokenizer, prompts, replies, batch_size=self.batch_size
+        )
+
 
 def load_model_predictor(
     path: str, *, batch_size: int, load_in_4bit: bool = False
 ) -> ModelPredictor:
     """Load a local model (GPU when there is one) as a greedy predictor."""
+    model, tokenizer = load_model(path, load_in_4bit=load_in_4bit)
+    return ModelPredictor(model, tokenizer, batch_size=batch_size, name=path)
+
+
+def load_model(path: str, *, load_in_4bit: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local folder: bf16/fp16 on the GPU, fp32 on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -227,7 +254,7 @@ def load_model_predictor(
     LOG.info("robustft: loading %s for generation", path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return ModelPredictor(model, tokenizer, batch_size=batch_size, name=path)
+    return model, tokenizer
 
 
 def run_in_shards(
@@ -266,6 +293,40 @@ def run_in_shards(
     return Dataset.from_list(out) if out else Dataset.from_dict({"idx": []})
 
 
+def option_logliks(
+    rows: Sequence[Mapping[str, Any]], scorer: Scorer
+) -> list[list[float]]:
+    """Each option's summed log-likelihood as the reply to its row's question
+    (one scorer call for all options of all rows)."""
+    from .sft import user_turn
+
+    prompts, replies = [], []
+    for r in rows:
+        turn = user_turn(r["question"], r["options"])
+        prompts += [turn] * len(r["options"])
+        replies += list(r["options"])
+    scores = [float(x) for x in scorer(prompts, replies)]
+    if len(scores) != len(prompts):
+        raise RuntimeError(
+            f"scorer returned {len(scores)} log-likelihoods for {len(prompts)} replies"
+        )
+    out, start = [], 0
+    for r in rows:
+        out.append(scores[start : start + len(r["options"])])
+        start += len(r["options"])
+    return out
+
+
+def scored_row(idx: int, logliks: Sequence[float]) -> dict[str, Any]:
+    """A row's option log-likelihoods, their softmax and the predicted letter."""
+    return {
+        "idx": idx,
+        "option_logliks": [round(x, 6) for x in logliks],
+        "option_probs": option_probs(logliks),
+        "loglik_answer": letters(len(logliks))[best_option(logliks)],
+    }
+
+
 def predict_rows(
     rows: Dataset,
     predictor: Predictor,
@@ -276,15 +337,36 @@ def predict_rows(
     batch_size: int,
     writer: ShardWriter | None = None,
     desc: str = "predict",
+    scorer: Scorer | None = None,
 ) -> Dataset:
-    """Stage 1: the plain (and reasoning-enhanced) reply of one expert per row."""
+    """Stage 1: the plain (and reasoning-enhanced) reply of one expert per row.
+
+    With a `scorer` (expert_scoring: loglik) the plain prediction of a
+    multiple-choice row is its best option by log-likelihood (columns
+    option_logliks, option_probs, loglik_answer; `plain` is None); other rows
+    are still generated. The reasoning-enhanced reply (reasoning: true) is
+    generated either way.
+    """
 
     def step(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        plain = call_predictor(
-            predictor,
-            [plain_prompt(r) for r in batch],
-            max_new_tokens=answer_max_new_tokens,
+        scored: dict[int, dict[str, Any]] = {}
+        if scorer is not None:
+            choice = [r for r in batch if r["kind"] == "choice"]
+            if choice:
+                for r, ll in zip(choice, option_logliks(choice, scorer), strict=True):
+                    scored[r["idx"]] = scored_row(r["idx"], ll)
+        generate = [r for r in batch if r["idx"] not in scored]
+        replies = (
+            call_predictor(
+                predictor,
+                [plain_prompt(r) for r in generate],
+                max_new_tokens=answer_max_new_tokens,
+            )
+            if generate
+            else []
         )
+        by_idx = {r["idx"]: g for r, g in zip(generate, replies, strict=True)}
+        plain = [by_idx.get(r["idx"]) for r in batch]
         if reasoning:
             reasoned = call_predictor(
                 predictor,
@@ -293,13 +375,17 @@ def predict_rows(
             )
         else:
             reasoned = [None] * len(batch)
-        return [
-            {
+        out = []
+        for r, p, g in zip(batch, plain, reasoned, strict=True):
+            row = {
                 "idx": r["idx"],
-                "plain": p.text,
+                "plain": p.text if p is not None else None,
                 "reasoning": g.text if g is not None else None,
             }
-            for r, p, g in zip(batch, plain, reasoned, strict=True)
-        ]
+            if scorer is not None:
+                empty = {"option_logliks": None, "option_probs": None}
+                row.update(scored.get(r["idx"], {**empty, "loglik_answer": None}))
+            out.append(row)
+        return out
 
     return run_in_shards(rows, step, batch_size=batch_size, writer=writer, desc=desc)
