@@ -15,11 +15,15 @@ here imports one.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import PrefAlignConfig
@@ -108,8 +112,10 @@ class HiddenCapture:
         self.handle.remove()
 
 
-# SPA's per-pair judge fields, carried from the dataset into the batch.
-JUDGE_FIELDS = ("judge_prob",)
+# SPA's per-pair fields carried from the dataset into the batch, with their dtype:
+# the judge's probability, and the pair's id (its prompt's source row; -1 for
+# labelled rows) by which the noise flags are recorded.
+JUDGE_FIELDS = {"judge_prob": torch.float32, "pair_id": torch.int64}
 
 
 class JudgeFieldsCollator:
@@ -120,12 +126,34 @@ class JudgeFieldsCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(examples)
-        for name in JUDGE_FIELDS:
+        for name, dtype in JUDGE_FIELDS.items():
             if name in examples[0]:
-                batch[name] = torch.tensor(
-                    [float(e[name]) for e in examples], dtype=torch.float32
-                )
+                kind = float if dtype.is_floating_point else int
+                values = [kind(e[name]) for e in examples]
+                batch[name] = torch.tensor(values, dtype=dtype)
         return batch
+
+
+class FlagRecorder:
+    """Appends each training pair's SPA noise flags to a JSON-lines file, keyed by
+    pair id, for the gold report (`spa.gold`). Every process writes its own
+    file (`<name>.rank<k>` for k > 0): the pairs a process trains on are its own,
+    so no gather is needed; the first write of a run truncates the file."""
+
+    def __init__(self, path: str | Path):
+        self.base = Path(path)
+        self.path: Path | None = None
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        mode = "a"
+        if self.path is None:
+            distributed = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if distributed else int(os.environ.get("RANK", 0))
+            name = self.base.name + (f".rank{rank}" if rank else "")
+            self.path, mode = self.base.with_name(name), "w"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, mode, encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 @dataclass
@@ -153,6 +181,11 @@ class PreferenceStep:
         self.loss_name = config.loss or "sigmoid"
         self.margin_window = MarginWindow(config.spa.margin_window)
         self.dnd_lambda = config.spa.dnd_lambda() if self.loss_name == "spa" else 0.0
+        # Gold configured (the SPA loop sets flags_file): record each pair's flags,
+        # and with DND on also the flags the plain margins would give (own window).
+        record = self.loss_name == "spa" and config.spa.flags_file
+        self.flags = FlagRecorder(config.spa.flags_file) if record else None
+        self.plain_window = MarginWindow(config.spa.margin_window)
 
     # -- log-probs -----------------------------------------------------------
     def layout(self, inputs: dict) -> BatchLayout:
@@ -184,6 +217,7 @@ class PreferenceStep:
             layout.labels,
             bias=bias,
             chunk_size=self.config.chunk_size,
+            vocab_tile=self.config.vocab_tile,
         )
         seq = layout.per_sequence(lp)
         if not torch.isfinite(seq.detach()).all():
@@ -266,6 +300,8 @@ class PreferenceStep:
             )
             extra.update(confident=confident, alpha=alpha)
             metrics.update(self.spa_metrics)
+            if self.flags is not None and training:
+                self.record_flags(inputs, policy_margin, confident, beta, step, alpha)
         losses = preference_loss(
             chosen_logps,
             rejected_logps,
@@ -326,6 +362,59 @@ class PreferenceStep:
             "spa/alpha": alpha,
         }
         return confident.to(m_g.device), alpha
+
+    def plain_confidence(
+        self, policy_margin: torch.Tensor, *, beta: float
+    ) -> tuple[torch.Tensor, float]:
+        """c without DND: 1[β·h > τ_h], τ_h the same quantile of recent per-sample
+        β·h (the policy's own DPO margins) in a window of its own; no gradient."""
+        scaled = beta * policy_margin.detach().float()
+        self.plain_window.update(scaled)
+        tau = self.plain_window.threshold(self.config.spa.noise_quantile)
+        return scaled > tau, tau
+
+    def record_flags(self, inputs, policy_margin, confident, beta, step, alpha):
+        """One training batch's flags by pair id: c with DND (the loss's c; None
+        when λ = 0) and c from the plain margins (the loss's c when λ = 0)."""
+        if "pair_id" not in inputs:
+            raise ValueError(
+                "prefalign.spa.flags_file: the batch has no pair_id column (load "
+                "the pairs with type: axolotl_prefalign.spa_pairs)"
+            )
+        scaled_g = self.spa_metrics["spa/dnd_margin"]
+        tau = self.spa_metrics["spa/threshold"]
+        if self.dnd_lambda > 0:
+            plain, tau_plain = self.plain_confidence(policy_margin, beta=beta)
+            scaled_h = beta * policy_margin.detach().float()
+        else:
+            plain, tau_plain, scaled_h = confident, tau, scaled_g
+        dnd = self.dnd_lambda > 0
+        # One host copy per tensor, not one sync per pair.
+        columns = zip(
+            inputs["pair_id"].tolist(),
+            confident.tolist(),
+            plain.tolist(),
+            scaled_g.tolist(),
+            scaled_h.tolist(),
+            strict=True,
+        )
+        self.flags.write(
+            [
+                {
+                    "pair_id": int(pid),
+                    "step": step,
+                    "confident_dnd": bool(c_g) if dnd else None,
+                    "confident_plain": bool(c_h),
+                    "margin_dnd": m_g if dnd else None,
+                    "margin_plain": m_h,
+                    "tau_dnd": tau if dnd else None,
+                    "tau_plain": tau_plain,
+                    "alpha": alpha,
+                    "dnd_lambda": self.dnd_lambda,
+                }
+                for pid, c_g, c_h, m_g, m_h in columns
+            ]
+        )
 
 
 def reward_metrics(chosen, rejected, ref_chosen, ref_rejected, beta: float):

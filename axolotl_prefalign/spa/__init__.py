@@ -1,10 +1,11 @@
 """SPA — Spread Preference Annotation (Kim et al., ICLR 2025; METHODS.md §1).
 
 `pairs` normalises and renders preference pairs, `judge` the implicit-reward
-judgment, `expand` one iteration's sampling + judging, `loop` the framework-neutral
-parts of the seed → expand → train orchestration (layout, resumable stages,
-statistics). The DPO dataset type `axolotl_prefalign.spa_pairs` and the Axolotl
-runs of the loop live in `integrations/axolotl/`.
+judgment, `expand` one iteration's sampling + judging, `gold` the self-labels and
+noise flags against gold answers, `loop` the framework-neutral parts of the seed →
+expand → train orchestration (layout, resumable stages, statistics). The DPO
+dataset type `axolotl_prefalign.spa_pairs` and the Axolotl runs of the loop live in
+`integrations/axolotl/`.
 """
 
 from __future__ import annotations

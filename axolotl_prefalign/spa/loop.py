@@ -73,8 +73,17 @@ EXPAND_SETTINGS = {
     "prompts_per_iteration",
     "seed",
 }
+# Prompt-source settings that only the gold report reads: outside the hash above,
+# so adding gold to a run does not make its finished expansions stale.
+GOLD_SOURCE_SETTINGS = {"gold_field", "gold_options_field"}
 # spa settings only the loop and the expansion read (not the trainer).
-LOOP_ONLY = (EXPAND_SETTINGS - {"beta"}) | {"iterations", "seed_epochs", "launcher"}
+LOOP_ONLY = (EXPAND_SETTINGS - {"beta"}) | {
+    "iterations",
+    "seed_epochs",
+    "launcher",
+    "gold_checker",
+    "flags_file",  # the loop sets the trainer's own (stage_prefalign)
+}
 
 # (command, log file) -> None; raises on failure. Tests inject their own.
 Runner = Callable[[list[str], Path], None]
@@ -87,8 +96,12 @@ class SpaLoopError(RuntimeError):
 # -- prompts -------------------------------------------------------------------
 
 
-def load_prompts(source: SpaPromptSource, on_bad_row: str = "error"):
-    """A source's prompts as a Dataset with `index` (source row) and `prompt`."""
+def load_prompts(
+    source: SpaPromptSource, on_bad_row: str = "error", gold_checker: str = "choice"
+):
+    """A source's prompts as a Dataset with `index` (source row) and `prompt`;
+    with `gold_field` also `gold` (resolved for the checker, None where a row's
+    gold is unusable under on_bad_row: skip) and `options` (list, maybe empty)."""
     from datasets import Dataset
 
     from ..core.local_data import DataFileError, read_local
@@ -101,16 +114,63 @@ def load_prompts(source: SpaPromptSource, on_bad_row: str = "error"):
     except DataFileError as err:
         raise SpaLoopError(f"prefalign.spa.prompts: {err}") from None
     checker.lines = data.lines
-    index, prompts = [], []
+    _check_gold_columns(source, data.rows)
+    columns: dict[str, list] = {"index": [], "prompt": []}
+    if source.gold_field:
+        columns.update(gold=[], options=[])
+    # A bad gold never drops a prompt (it would change training): an error, or
+    # under skip a pair the report counts as unknown (no_gold).
+    gold_rows = RowChecker(str(source.path), on_bad_row, lines=data.lines)
     for idx, row in enumerate(data.rows):
         problem = text_problem(row, source.field)
         if problem:
             checker.bad(idx, source.field, problem)
             continue
-        index.append(data.positions[idx])
-        prompts.append(row[source.field].strip())
+        columns["index"].append(data.positions[idx])
+        columns["prompt"].append(row[source.field].strip())
+        if source.gold_field:
+            gold, options = _row_gold(source, row, idx, gold_checker, gold_rows)
+            columns["gold"].append(gold)
+            columns["options"].append(options)
     checker.report()
-    return Dataset.from_dict({"index": index, "prompt": prompts})
+    if gold_rows.n_skipped:
+        detail = "; ".join(f"{n} × {why}" for why, n in gold_rows.skipped.most_common())
+        LOG.warning(
+            "%s: %d prompt(s) without a usable gold answer (kept for training, "
+            "unknown in the gold report): %s",
+            source.path,
+            gold_rows.n_skipped,
+            detail,
+        )
+    return Dataset.from_dict(columns)
+
+
+def _check_gold_columns(source: SpaPromptSource, rows: list[dict]) -> None:
+    for key in ("gold_field", "gold_options_field"):
+        name = getattr(source, key)
+        if name and rows and not any(name in row for row in rows):
+            present = sorted({k for row in rows for k in row})
+            raise SpaLoopError(
+                f"prefalign.spa.prompts: {source.path} has no column {name!r} "
+                f"({key}); its columns: {', '.join(present)}"
+            )
+
+
+def _row_gold(
+    source: SpaPromptSource, row: dict, idx: int, gold_checker: str, checker: RowChecker
+) -> tuple[str | None, list[str]]:
+    from .gold import GoldError, check_options, resolve_gold
+
+    options: list[str] = []
+    try:
+        if source.gold_options_field:
+            field_name = source.gold_options_field
+            options = check_options(row.get(field_name))
+        field_name = source.gold_field
+        return resolve_gold(row.get(field_name), options, gold_checker), options
+    except GoldError as err:
+        checker.bad(idx, field_name, str(err))
+        return None, options
 
 
 def _norm(text: str) -> str:
@@ -134,8 +194,9 @@ def iteration_prompts(spa: SpaConfig, on_bad_row: str = "error") -> list:
         )
     if sizes is not None and min(sizes) < 1:
         raise SpaLoopError("prefalign.spa.prompts_per_iteration: sizes must be >= 1")
+    check = spa.gold_checker
     if len(sources) == n:
-        parts = [load_prompts(s, on_bad_row) for s in sources]
+        parts = [load_prompts(s, on_bad_row, check) for s in sources]
         if sizes is not None:
             for i, (part, size) in enumerate(zip(parts, sizes, strict=True), 1):
                 if len(part) < size:
@@ -145,7 +206,7 @@ def iteration_prompts(spa: SpaConfig, on_bad_row: str = "error") -> list:
                     )
             parts = [p.select(range(s)) for p, s in zip(parts, sizes, strict=True)]
     elif len(sources) == 1:
-        whole = load_prompts(sources[0], on_bad_row)
+        whole = load_prompts(sources[0], on_bad_row, check)
         if sizes is None:
             base, extra = divmod(len(whole), n)
             sizes = [base + (k < extra) for k in range(n)]
@@ -518,14 +579,19 @@ class StageRunner:
         self.ran.append(name)
 
 
-def stage_prefalign(block: dict[str, Any] | None, iteration: int) -> dict[str, Any]:
+def stage_prefalign(
+    block: dict[str, Any] | None, iteration: int, flags_file: Path | None = None
+) -> dict[str, Any]:
     """The `prefalign:` block of one stage's training config: the loss-side spa
     settings only (a change in the loop's own — prompts, sampling — must not stale
     finished trainings), the iteration, and the loss: plain DPO for the seed
-    (iteration 0), SPA's after."""
+    (iteration 0), SPA's after. `flags_file` (gold configured): where the SPA loss
+    records each pair's noise flags."""
     pf = copy.deepcopy(block or {})
     spa_block = {k: v for k, v in (pf.get("spa") or {}).items() if k not in LOOP_ONLY}
     pf["spa"] = {**spa_block, "iteration": iteration}
+    if flags_file is not None and iteration > 0:
+        pf["spa"]["flags_file"] = str(flags_file)
     if iteration == 0:
         pf["loss"] = "sigmoid"
         pf.pop("label_smoothing", None)
@@ -598,6 +664,58 @@ def history_stats(history: list[dict[str, Any]]) -> dict[str, Any]:
     return stats
 
 
+def flags_path(spa: SpaConfig, stage_dir: Path) -> Path | None:
+    """Where an iteration's training records its noise flags (gold configured)."""
+    from .gold import FLAGS_FILE
+
+    return (Path(stage_dir) / FLAGS_FILE).resolve() if spa.has_gold else None
+
+
+def write_gold_report(
+    spa: SpaConfig, iteration: int, stage_dir: Path, prompts: Any
+) -> dict[str, Any]:
+    """`iter_<i>/gold_report.json`: iteration i's pairs against its prompts' gold,
+    with the noise flags its training recorded; returns the report."""
+    from ..core.shards import read_shards
+    from .gold import FLAGS_FILE, REPORT_FILE, flag_files, gold_report, read_flags
+
+    d = Path(stage_dir)
+    has_gold = "gold" in prompts.column_names
+    rows = prompts.to_list() if has_gold else []
+    flags_file = d / FLAGS_FILE
+    report = gold_report(
+        rows,
+        read_shards(d / "pairs"),
+        spa.gold_checker,
+        read_flags(flags_file) or None,
+        iteration,
+    )
+    report["flag_files"] = [str(f) for f in flag_files(flags_file)]
+    if not has_gold:
+        report["note"] = "this iteration's prompt source has no gold_field"
+    atomic_write_json(d / REPORT_FILE, report)
+    flags = report["noise_flags"]
+    LOG.info(
+        "SPA iteration %d gold (%s): %d pairs: %d exactly one right, %d both, %d "
+        "neither, %d unknown; self-label accuracy %s on the exactly-one pairs; noise "
+        "flags precision/recall with DND %s / %s, without %s / %s",
+        iteration,
+        spa.gold_checker,
+        report["pairs"],
+        report["exactly_one"],
+        report["both"],
+        report["neither"],
+        report["unknown"],
+        _fmt(report["self_labels"]["accuracy"], ".3f"),
+        *(
+            _fmt((flags.get(kind) or {}).get(key), ".3f")
+            for kind in ("with_dnd", "without_dnd")
+            for key in ("precision", "recall")
+        ),
+    )
+    return report
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -638,29 +756,78 @@ CARD_HEADERS = (
 )
 
 
+# With gold answers (a prompt source's gold_field): the self-labels' accuracy and
+# the noise flags' precision / recall on the pairs with exactly one right answer.
+GOLD_HEADERS = (
+    "gold: exactly-one pairs",
+    "self-label accuracy",
+    "flag precision / recall (DND)",
+    "flag precision / recall (no DND)",
+)
+
+
+def _pr(precision: float | None, recall: float | None) -> str | None:
+    if precision is None and recall is None:
+        return None
+    return f"{_fmt(precision, '.3f')} / {_fmt(recall, '.3f')}"
+
+
 def card_table(rows: list[dict[str, Any]]) -> str:
     """The per-iteration statistics as a markdown table (for the model card):
     expansion pairs, ties, the judge's mean preference probability, the fraction
-    of pairs below the confidence threshold τ (mean over logged steps) and τ."""
+    of pairs below the confidence threshold τ (mean over logged steps) and τ; with
+    gold answers also the gold report's summary (`spa.gold`)."""
     from ..core.model_card import markdown_table
 
+    gold = any(r.get("gold") for r in rows)
     table = []
     for r in rows:
         e, t = r.get("expansion") or {}, r.get("training") or {}
-        table.append(
-            (
-                r["iteration"],
-                r.get("stage") or ("seed DPO" if r["iteration"] == 0 else "SPA"),
-                e.get("pairs"),
-                e.get("ties_dropped"),
-                e.get("mean_judge_prob"),
-                t.get("mean_spa/noisy_fraction"),
-                t.get("last_spa/threshold"),
-                t.get("train_loss", t.get("last_loss")),
-                t.get("mean_rewards/accuracies"),
-            )
+        row = [
+            r["iteration"],
+            r.get("stage") or ("seed DPO" if r["iteration"] == 0 else "SPA"),
+            e.get("pairs"),
+            e.get("ties_dropped"),
+            e.get("mean_judge_prob"),
+            t.get("mean_spa/noisy_fraction"),
+            t.get("last_spa/threshold"),
+            t.get("train_loss", t.get("last_loss")),
+            t.get("mean_rewards/accuracies"),
+        ]
+        if gold:
+            g = r.get("gold") or {}
+            row += [
+                g.get("exactly_one"),
+                g.get("self_label_accuracy"),
+                _pr(g.get("flag_precision_dnd"), g.get("flag_recall_dnd")),
+                _pr(g.get("flag_precision_plain"), g.get("flag_recall_plain")),
+            ]
+        table.append(row)
+    headers = CARD_HEADERS + (GOLD_HEADERS if gold else ())
+    return markdown_table(headers, table)
+
+
+def gold_table(rows: list[dict[str, Any]]) -> str:
+    """The gold reports' summaries as a fixed-width text table."""
+    head = (
+        f"{'iter':>4} {'pairs':>6} {'one':>5} {'unkn':>5} {'label_acc':>9} "
+        f"{'P(dnd)':>7} {'R(dnd)':>7} {'P(plain)':>8} {'R(plain)':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        g = r.get("gold")
+        if not g:
+            continue
+        lines.append(
+            f"{r['iteration']:>4} {_fmt(g.get('pairs'), 'd'):>6} "
+            f"{_fmt(g.get('exactly_one'), 'd'):>5} {_fmt(g.get('unknown'), 'd'):>5} "
+            f"{_fmt(g.get('self_label_accuracy'), '.3f'):>9} "
+            f"{_fmt(g.get('flag_precision_dnd'), '.3f'):>7} "
+            f"{_fmt(g.get('flag_recall_dnd'), '.3f'):>7} "
+            f"{_fmt(g.get('flag_precision_plain'), '.3f'):>8} "
+            f"{_fmt(g.get('flag_recall_plain'), '.3f'):>8}"
         )
-    return markdown_table(CARD_HEADERS, table)
+    return "\n".join(lines)
 
 
 def finished_rows(out: Path, before: int) -> list[dict[str, Any]]:
@@ -695,15 +862,24 @@ class Trainings(Protocol):
 
 
 def run_stages(
-    spa: SpaConfig, out: Path, trainings: Trainings, runner: Runner | None = None
+    spa: SpaConfig,
+    out: Path,
+    trainings: Trainings,
+    runner: Runner | None = None,
+    on_bad_row: str = "error",
 ) -> dict[str, Any]:
     """Seed DPO, then expand → train per iteration, each stage through `trainings`;
-    resumable at stage granularity. Returns the summary (also `spa_summary.json`)."""
-    settings = spa.model_dump(include=EXPAND_SETTINGS)
+    resumable at stage granularity; with gold answers each iteration also writes
+    its gold report. Returns the summary (also `spa_summary.json`)."""
+    settings = spa.model_dump(
+        include=EXPAND_SETTINGS,
+        exclude={"prompts": {"__all__": GOLD_SOURCE_SETTINGS}},
+    )
     spa_sha = short_sha(json.dumps(settings, sort_keys=True))
     loop = StageRunner(SpaState(out / STATE_FILE), runner or run_command)
     adapter = trainings.adapter
     rows: list[dict[str, Any]] = []
+    gold_prompts = iteration_prompts(spa, on_bad_row) if spa.has_gold else None
 
     for i in range(spa.iterations + 1):
         d = iter_dir(out, i)
@@ -735,7 +911,12 @@ def run_stages(
             trainings.train_command(config),
             d / "train.log",
             lambda d=d: has_weights(d),
-            [*d.glob("checkpoint-*"), *(d / n for n in WEIGHT_FILES), d / "prepared"],
+            [
+                *d.glob("checkpoint-*"),
+                *(d / n for n in WEIGHT_FILES),
+                d / "prepared",
+                *d.glob("spa_flags.jsonl*"),
+            ],
         )
         if adapter:
             loop.stage(
@@ -753,6 +934,11 @@ def run_stages(
             "expansion": expansion,
             "training": training_stats(d),
         }
+        if gold_prompts is not None and i > 0:
+            from .gold import gold_summary
+
+            report = write_gold_report(spa, i, d, gold_prompts[i - 1])
+            metrics["gold"] = gold_summary(report)
         atomic_write_json(d / "metrics.json", metrics)
         rows.append(metrics)
 
@@ -762,4 +948,6 @@ def run_stages(
     atomic_write_json(out / SUMMARY_FILE, summary)
     LOG.info("SPA finished; final model: %s", final)
     print(summary_table(rows), flush=True)
+    if gold_prompts is not None:
+        print(gold_table(rows), flush=True)
     return summary

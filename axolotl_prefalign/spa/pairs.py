@@ -8,7 +8,8 @@ to and including the end-of-turn token, with EOS appended where TRL would append
 so SPA's judge (`judge.py`) scores exactly the tokens that DPO later trains on.
 
 Plain labelled seed rows load through the same type: `judge_prob = 1.0` (a human
-label is certain), `margin = NaN` (nothing was judged), `iteration = 0`.
+label is certain), `margin = NaN` (nothing was judged), `iteration = 0`,
+`pair_id = -1` (no SPA prompt row).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from ..core.rows import RowChecker, check_text_fields
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 # Columns the transform returns; everything else in the source file is dropped.
-OUTPUT_COLUMNS = ("prompt", "chosen", "rejected", "judge_prob", "margin", "iteration")
+# `pair_id` is a judged pair's `index` (its prompt's source row; -1 without one):
+# the SPA loss records its noise flags by it for the gold report.
+OUTPUT_COLUMNS = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "judge_prob",
+    "margin",
+    "iteration",
+    "pair_id",
+)
 _DUMMY_USER = {"role": "user", "content": "[[prefalign dummy turn]]"}
 
 
@@ -99,6 +110,9 @@ def normalize_pair(
     elif isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         checker.bad(idx, "iteration", f"must be an integer >= 0, got {iteration!r}")
         return None
+    # Bookkeeping only (never a bad row): a judged pair's prompt row, else -1.
+    index = row.get("index")
+    pair_id = index if isinstance(index, int) and not isinstance(index, bool) else -1
     return {
         "prompt": prompt,
         "chosen": chosen,
@@ -106,4 +120,5 @@ def normalize_pair(
         "judge_prob": judge_prob,
         "margin": margin,
         "iteration": iteration,
+        "pair_id": max(pair_id, -1),
     }

@@ -21,6 +21,7 @@ from ...spa.loop import (
     SpaLoopError,
     absolute,
     expand_iteration,
+    flags_path,
     is_adapter_run,
     iteration_prompts,
     original_base,
@@ -111,7 +112,11 @@ def stage_config(
                 "type": PAIRS_TYPE,
             }
         ]
-    c["prefalign"] = stage_prefalign(raw.get("prefalign"), iteration)
+    # With gold answers the SPA loss records each pair's noise flags (by pair id,
+    # which type: axolotl_prefalign.spa_pairs carries) for the gold report.
+    c["prefalign"] = stage_prefalign(
+        raw.get("prefalign"), iteration, flags_path(spa, out)
+    )
     if c.get("rl_beta") is None and not (c.get("trl") or {}).get("beta"):
         c["rl_beta"] = spa.beta
     return c
@@ -142,7 +147,7 @@ def run_from_config(
     trainings = AxolotlTrainings(
         raw, spa, config_path, base, tokenizer, is_adapter_run(cfg)
     )
-    summary = run_stages(spa, out, trainings, runner)
+    summary = run_stages(spa, out, trainings, runner, pa.on_bad_row)
     _final_card(cfg, config_path, summary)
     return summary
 

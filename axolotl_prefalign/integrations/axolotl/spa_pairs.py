@@ -26,6 +26,7 @@ def _features():
             "judge_prob": Value("float64"),
             "margin": Value("float64"),
             "iteration": Value("int64"),
+            "pair_id": Value("int64"),
         }
     )
 

@@ -184,7 +184,9 @@ def run(config_path: str | Path, runner: Runner | None = None) -> dict[str, Any]
         view["adapter"] is not None,
     )
     out = Path(args["output_dir"]).resolve()
-    return run_stages(pa.spa, out, trainings, runner)
+    # Gold reports carry the self-label accuracy only: LLaMA-Factory's batches
+    # have no pair id, so its SPA loss records no noise flags (no flags_file).
+    return run_stages(pa.spa, out, trainings, runner, pa.on_bad_row)
 
 
 def expand(config_path: str | Path, iteration: int, out_dir: str) -> dict[str, Any]:
