@@ -92,7 +92,9 @@ def test_cli_compares_the_base_with_the_adapter_on_the_held_out_rows(
         prefalign, ["eval-pairs", str(config), "--split", "train[2:]"]
     )
     assert result.exit_code == 0, result.output
-    line = result.output.strip().splitlines()[-1]
+    # stdout only: progress bars (transformers' "Loading weights") go to stderr,
+    # which click's result.output interleaves without a newline.
+    line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("held-out preference accuracy on 4 pairs of ")
     assert "[train[2:]]: base " in line and " -> trained " in line
     assert line.endswith(f"trained model: {adapter.resolve()}")
