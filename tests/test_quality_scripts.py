@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ def mods():
             common=common,
             noise=importlib.import_module("robustft_noise"),
             prefs=importlib.import_module("preferences_little_data"),
+            mc=importlib.import_module("robustft_mc"),
         )
     finally:
         sys.path.remove(str(QUALITY))
@@ -62,7 +64,7 @@ def test_robustft_chat_rows_use_the_answer_field_asked_for(mods):
 
 
 def test_preference_split_seed_pool_and_test(mods):
-    args = SimpleNamespace(n_test=150, n_pool=400, seed_fraction=0.05)
+    args = SimpleNamespace(n_test=150, n_pool=400, seed_size=20)
     seed_pairs, unlabelled, test = mods.prefs.make_split(args, seed=0)
     assert len(seed_pairs) == 20 and len(unlabelled) == 380 and len(test) == 150
     pool_prompts = {p["prompt"] for p in seed_pairs + unlabelled}
@@ -214,6 +216,7 @@ def test_noise_free_arms_are_reused_across_noise_rates_only(mods, tmp_path):
     assert mods.noise.noise_free_result(args, 0, "clean") is None
     # never from the same noise rate (that is resume's job)
     args.reuse_noise_free, args.noise = True, 0.3
+    args.settings["noise"] = 0.3  # a run's settings hold its own noise rate
     assert mods.noise.noise_free_result(args, 0, "clean") is None
 
 
@@ -298,3 +301,264 @@ def test_run_seeds_resumes_saves_arm_by_arm_and_sets_the_status(mods, tmp_path):
     assert result["status"] == "partial"
     saved = json.loads((tmp_path / "exp.json").read_text())
     assert saved["status"] == "partial" and set(saved["runs"]) == {"0", "2"}
+
+
+# -- robustft_noise: SST-2 only up to 40% flips ---------------------------------
+
+
+def test_sst2_refuses_noise_above_40_percent_and_points_to_the_mc_script(mods):
+    mods.noise.check_noise(0.3)
+    mods.noise.check_noise(0.4)
+    with pytest.raises(SystemExit, match=r"robustft_mc\.py"):
+        mods.noise.check_noise(0.5)
+
+
+# -- robustft_mc: 4+ options, wrong labels from the other options ---------------
+
+
+def test_mc_split_keeps_the_truth_the_most_common_label_at_50_percent(mods):
+    train, test = mods.mc.make_split("arc_easy", 200, 300, 0.5, seed=3)
+    assert len(train) == 200 and len(test) == 300
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    assert {len(r["options"]) for r in train + test} == {4}
+    flipped = [r for r in train if r["answer"] != r["gold"]]
+    assert len(flipped) == 100
+    assert all(r["answer"] in r["options"] for r in flipped)
+    # which of the three other options got the wrong label: each well under the
+    # 100 rows that keep the truth
+    picks = Counter(
+        [o for o in r["options"] if o != r["gold"]].index(r["answer"]) for r in flipped
+    )
+    assert sum(picks.values()) == 100 and max(picks.values()) < 60
+    # the rows and the test set do not depend on the seed or the noise rate
+    train2, test2 = mods.mc.make_split("arc_easy", 200, 300, 0.3, seed=4)
+    assert [r["question"] for r in test] == [r["question"] for r in test2]
+    assert [r["gold"] for r in train] == [r["gold"] for r in train2]
+
+
+def test_mc_split_names_a_dataset_too_small(mods):
+    with pytest.raises(SystemExit, match="fewer than --n-train 900"):
+        mods.mc.make_split("openbookqa", 900, 300, 0.3, seed=0)
+
+
+def test_mc_arms_settings_paper_best_and_cleanlab(mods):
+    args = mods.mc.parse_args([])
+    paper, best, clean = (
+        args.denoise[a] for a in ("robustft_paper", "robustft_best", "cleanlab_only")
+    )
+    assert {k: paper[k] for k in mods.mc.PAPER} == {
+        "expert_scoring": "generate",
+        "expert_training": "none",
+        "detection": "agreement",
+        "selection": "entropy",
+    }
+    assert (best["expert_scoring"], best["expert_training"]) == ("loglik", "crossfit")
+    assert (best["detection"], best["selection"]) == ("agreement", "quota")
+    assert clean == {**best, "detection": "cleanlab"}
+    assert paper["gold_field"] == best["gold_field"] == "gold"
+    args = mods.mc.parse_args(
+        ["--best-settings", "expert_training=crossfit", "crossfit_folds=5"]
+    )
+    best = args.denoise["robustft_best"]
+    assert best["crossfit_folds"] == 5 and best["expert_scoring"] == "generate"
+    with pytest.raises(SystemExit, match="key=value"):
+        mods.mc.parse_args(["--best-settings", "crossfit_folds"])
+    with pytest.raises(SystemExit, match=r"--noise must be in \[0, 0.75\)"):
+        mods.mc.parse_args(["--noise", "0.8"])
+
+
+def test_mc_arm_settings_validate_against_this_checkout(mods):
+    args = mods.mc.parse_args([])
+    for arm in mods.mc.DENOISE_ARMS:
+        block, dropped = mods.mc.arm_block(arm, args.denoise[arm], seed=1)
+        assert block["seed"] == 1 and dropped == []
+        assert mods.common.prefalign_problem({"robustft": block}) is None
+    problem = mods.common.prefalign_problem({"robustft": {"no_such_key": 1}})
+    assert "no_such_key" in problem
+
+
+def test_mc_cleanlab_training_set_is_the_unflagged_rows_as_labelled(mods, tmp_path):
+    status = [("x", "clean", "x"), ("y", "relabelled", "z"), (None, "dropped", "w")]
+    rows = [
+        {"answer": a, "robustft_status": s, "robustft_original_answer": o}
+        for a, s, o in status
+    ] + [{"answer": "v", "robustft_status": "skipped"}]
+    mods.common.write_jsonl(tmp_path / "all.jsonl", rows)
+    kept = mods.mc.kept_unflagged(tmp_path)
+    assert [r["answer"] for r in kept] == ["x"]
+
+
+def test_mc_train_set_stats_reads_texts_and_letters(mods):
+    opts = ["a", "b", "c", "d"]
+    rows = [
+        {"answer": "b", "gold": "b", "options": opts},
+        {"answer": "C", "gold": "c", "options": opts},  # a letter written back
+        {"answer": "a", "gold": "d", "options": opts},
+        {"answer": "zzz", "gold": "d", "options": opts},
+    ]
+    assert mods.mc.train_set_stats(rows) == {
+        "rows": 4,
+        "label_accuracy": 0.5,
+        "answer_letters": {"A": 1, "B": 1, "C": 1, "none": 1},
+    }
+
+
+def test_mc_denoise_folder_is_the_one_with_our_settings(mods, tmp_path):
+    for name, k in [("old", 5), ("new", 3)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(
+            json.dumps({"settings": {"k": k, "detection": "agreement"}})
+        )
+    got = mods.common.denoise_report_dir(tmp_path, {"k": 3, "output_dir": "x"})
+    assert got == tmp_path / "new"
+    with pytest.raises(RuntimeError, match="has our settings"):
+        mods.common.denoise_report_dir(tmp_path, {"k": 4})
+
+
+def test_mc_table_marks_skipped_failed_and_partial_arms(mods):
+    args = mods.mc.parse_args([])
+    result = {
+        "status": "partial",
+        "settings": {
+            "dataset_name": "ARC-Easy validation",
+            "noise": 0.3,
+            "n_train": 200,
+            "n_test": 300,
+            "epochs": 3,
+            "seeds": [0],
+            "quick": False,
+            "best_settings": " ".join(args.best_settings),
+        },
+        "runs": {
+            "0": {
+                "input_set": {"rows": 200, "label_accuracy": 0.7},
+                "arms": {
+                    "untrained": {"test_accuracy": 0.5, "wall_s": 60.0},
+                    "robustft_best": {
+                        "denoise_report": {
+                            "noisy": 70,
+                            "gold": {
+                                "detection_precision": 0.6,
+                                "detection_recall": 0.7,
+                            },
+                        },
+                        "note": "denoise only so far",
+                    },
+                    "cleanlab_only": {"skipped": "needs the cleanlab package"},
+                    "sft_noisy": {"error": "boom"},
+                },
+            }
+        },
+    }
+    md = mods.mc.table(result)
+    assert "| 0 | 50.0% | failed | not run | not run | skipped | not run |" in md
+    assert "| 0 | RobustFT best | 70 | 60.0% | 70.0% | – | – | – | – |" in md
+    assert "| untrained | 1.0 | – | – | – |" in md
+    assert "- cleanlab_only: needs the cleanlab package" in md
+
+
+# -- preferences_little_data: seed sizes, sft_chosen, SPA gold ------------------
+
+
+def test_preference_seed_sizes_nest_and_share_the_pool(mods):
+    def split(size: int):
+        args = SimpleNamespace(n_test=150, n_pool=400, seed_size=size)
+        return mods.prefs.make_split(args, 1)
+
+    small, large = split(20), split(100)
+    assert len(small[0]) == 20 and len(large[0]) == 100
+    assert small[0] == large[0][:20]
+    assert small[0] + small[1] == large[0] + large[1]  # dpo_all's pairs
+    assert [r["question"] for r in small[2]] == [r["question"] for r in large[2]]
+    with pytest.raises(SystemExit, match="--seed-size 400"):
+        split(400)
+
+
+def test_sft_chosen_is_the_contrast_run_without_negatives(mods, tmp_path):
+    args = mods.prefs.parse_args([])
+    assert args.seed_size == [20, 100]
+    data = tmp_path / "seed.jsonl"
+    contrast = mods.prefs.contrast_cfg(tmp_path, data, args, 0)
+    chosen = mods.prefs.contrast_cfg(tmp_path, data, args, 0, "sft_chosen")
+    assert chosen["prefalign"]["contrast"]["positive_only_ratio"] == 1.0
+    assert contrast["prefalign"]["contrast"]["positive_only_ratio"] == 0.25
+    assert chosen["output_dir"] != contrast["output_dir"]
+    for key in ("datasets", "num_epochs", "micro_batch_size", "learning_rate"):
+        assert chosen[key] == contrast[key]
+    # scored with the same prompt, against the same baseline
+    assert set(mods.prefs.CONTRAST_PROMPT) == {"contrast_seed", "sft_chosen"}
+
+
+def test_spa_arm_configures_the_gold_checker(mods, tmp_path):
+    args = mods.prefs.parse_args([])
+    args.seed_size = 20
+    cfg = mods.prefs.spa_cfg(tmp_path, tmp_path / "s", tmp_path / "p", 64, args, 0)
+    spa = cfg["prefalign"]["spa"]
+    assert spa["gold_checker"] == "choice"
+    assert spa["prompts"][0]["gold_field"] == "gold"
+    assert spa["prompts"][0]["gold_options_field"] == "options"
+    assert mods.prefs.spa_gold_problem(args) is None
+    p = {"chosen": "the sun", "options": ["sun", "the sun", "moon"]}
+    assert mods.prefs.prompt_gold(p) == "B"  # "the sun" and "sun" read the same
+    assert mods.prefs.prompt_gold({"chosen": "moon", "options": ["sun", "moon"]}) == (
+        "moon"
+    )
+
+
+def test_spa_gold_reports_are_copied_and_tabled(mods, tmp_path):
+    report = {
+        "pairs": 10,
+        "exactly_one": 4,
+        "unknown": 1,
+        "self_labels": {"accuracy": 0.75},
+        "noise_flags": {
+            "with_dnd": {"precision": 0.5, "recall": 1.0},
+            "without_dnd": {"precision": 0.25, "recall": 0.5},
+        },
+    }
+    (tmp_path / "iter_1").mkdir()
+    (tmp_path / "iter_1" / "gold_report.json").write_text(json.dumps(report))
+    got = mods.prefs.gold_reports(tmp_path)
+    assert set(got) == {"1"} and got["1"]["report"] == report
+    assert got["1"]["summary"]["self_label_accuracy"] == 0.75
+    result = {
+        "status": "complete",
+        "settings": {"seeds": [0], "n_pool": 400, "seed_size": 20, "n_test": 150},
+        "runs": {
+            "0": {
+                "arms": {
+                    "spa": {
+                        "preference_accuracy": 0.6,
+                        "task_accuracy": 0.5,
+                        "gold_reports": got,
+                    }
+                }
+            }
+        },
+    }
+    result["settings"] |= {"epochs": 3, "quick": False}
+    md = mods.prefs.table(result)
+    assert "| 0 | 1 | 4 | 75.0% | 50.0% | 100.0% | 25.0% | 50.0% |" in md
+    assert "| 0 | sft_chosen | not run | not run |" in md
+
+
+def test_dpo_all_is_reused_across_seed_sizes_only(mods, tmp_path):
+    shared = {k: f"v-{k}" for k in mods.prefs.SHARED_KEYS}
+    old = {
+        "settings": {**shared, "seed_fraction": 0.05, "quick": False},
+        "runs": {"0": {"arms": {"dpo_all": {"task_accuracy": 0.53}}}},
+    }
+    (tmp_path / "preferences_little_data.json").write_text(json.dumps(old))
+    args = SimpleNamespace(
+        out=tmp_path,
+        quick=False,
+        reuse_seed_free=True,
+        settings={**shared, "seed_size": 100},
+    )
+    got = mods.prefs.seed_free_result(args, 0, "dpo_all")
+    assert got["task_accuracy"] == 0.53
+    assert "reused from preferences_little_data.json (seed fraction 0.05" in got["note"]
+    assert mods.prefs.seed_free_result(args, 0, "dpo_seed") is None
+    assert mods.prefs.seed_free_result(args, 1, "dpo_all") is None
+    args.settings["epochs"] = "other"
+    assert mods.prefs.seed_free_result(args, 0, "dpo_all") is None

