@@ -161,6 +161,32 @@ def sft_cfg(work: Path, name: str, data: Path, epochs: int, seed: int) -> dict:
     return cfg
 
 
+def denoise_train_cfg(
+    work: Path, name: str, data: Path, robustft: dict, epochs: int, seed: int
+) -> dict:
+    """A RobustFT YAML: `axolotl prefalign denoise` with the `robustft` settings
+    (output under <work>/<name>/denoised), then `axolotl train` on its output."""
+    cfg = base_cfg(work / name, seed)
+    cfg.update(
+        {
+            "prefalign": {
+                "robustft": {**robustft, "output_dir": str(work / name / "denoised")}
+            },
+            "datasets": [
+                {
+                    "path": str(data),
+                    "ds_type": "json",
+                    "split": "train",
+                    "type": "axolotl_prefalign.robustft",
+                }
+            ],
+            "num_epochs": epochs,
+            "train_on_inputs": False,
+        }
+    )
+    return cfg
+
+
 def expert_answers(denoised: Path) -> dict[str, dict[str, int]]:
     """How often each expert/prompt gave each answer letter (None: no answer found).
 

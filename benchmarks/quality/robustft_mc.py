@@ -146,25 +146,7 @@ def arm_block(arm: str, block: dict[str, Any], seed: int) -> tuple[dict, list[st
 
 def denoise_cfg(work: Path, arm: str, data: Path, block: dict, args, seed) -> dict:
     """The YAML of a denoise arm: `axolotl prefalign denoise`, then train on it."""
-    cfg = common.base_cfg(work / arm, seed)
-    cfg.update(
-        {
-            "prefalign": {
-                "robustft": {**block, "output_dir": str(work / arm / "denoised")}
-            },
-            "datasets": [
-                {
-                    "path": str(data),
-                    "ds_type": "json",
-                    "split": "train",
-                    "type": "axolotl_prefalign.robustft",
-                }
-            ],
-            "num_epochs": args.epochs,
-            "train_on_inputs": False,
-        }
-    )
-    return cfg
+    return common.denoise_train_cfg(work, arm, data, block, args.epochs, seed)
 
 
 def answer_text(answer: Any, options: list[str]) -> Any:

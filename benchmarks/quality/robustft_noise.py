@@ -60,35 +60,17 @@ def sft_cfg(work: Path, name: str, data: Path, args: Any, seed: int) -> dict:
 
 def robustft_cfg(work: Path, data: Path, args: Any, seed: int) -> dict:
     """The RobustFT YAML: denoise then train on D_clean ∪ D_select."""
-    cfg = common.base_cfg(work / "robustft", seed)
-    cfg.update(
-        {
-            "prefalign": {
-                "robustft": {
-                    "gold_field": "gold",
-                    "agreement": "all",
-                    "k": 3,
-                    "review": "rule",
-                    "select_ratio": 0.5,
-                    "max_new_tokens": args.max_new_tokens,
-                    "answer_max_new_tokens": 16,
-                    "batch_size": 8,
-                    "output_dir": str(work / "robustft" / "denoised"),
-                }
-            },
-            "datasets": [
-                {
-                    "path": str(data),
-                    "ds_type": "json",
-                    "split": "train",
-                    "type": "axolotl_prefalign.robustft",
-                }
-            ],
-            "num_epochs": args.epochs,
-            "train_on_inputs": False,
-        }
-    )
-    return cfg
+    block = {
+        "gold_field": "gold",
+        "agreement": "all",
+        "k": 3,
+        "review": "rule",
+        "select_ratio": 0.5,
+        "max_new_tokens": args.max_new_tokens,
+        "answer_max_new_tokens": 16,
+        "batch_size": 8,
+    }
+    return common.denoise_train_cfg(work, "robustft", data, block, args.epochs, seed)
 
 
 def evaluate(adapter: Path | None, test: list[dict]) -> float:
