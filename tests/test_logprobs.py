@@ -90,11 +90,14 @@ def test_head_only_grads_when_hidden_is_frozen():
     torch.testing.assert_close(weight.grad, want.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_inputs_stay_close_to_fp32_and_keep_their_grad_dtype():
+@pytest.mark.parametrize(
+    "vocab_tile", [None, 64]
+)  # 64: the tiled path (300 = 4·64 + 44)
+def test_bf16_inputs_stay_close_to_fp32_and_keep_their_grad_dtype(vocab_tile):
     hidden, weight, _, labels = make_case(2, 32, 64, 300, bias=False)
     h16 = hidden.bfloat16().requires_grad_(True)
     w16 = weight.bfloat16().requires_grad_(True)
-    out = token_logprobs(h16, w16, labels, chunk_size=7)
+    out = token_logprobs(h16, w16, labels, chunk_size=7, vocab_tile=vocab_tile)
     assert out.dtype == torch.float32
     out.sum().backward()
     assert h16.grad.dtype == torch.bfloat16 and w16.grad.dtype == torch.bfloat16

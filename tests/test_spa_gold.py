@@ -371,30 +371,13 @@ def test_collator_carries_pair_ids_as_integers():
     assert batch["pair_id"].tolist() == [2**40 + 1, -1]
 
 
-def _peft_model(model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir),
-        LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
-        ),
-    )
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    return model
-
-
 def test_the_dpo_trainer_records_flags_by_pair_id_from_full_logits(
     tiny_model_dir, tiny_tokenizer, tmp_path
 ):
     """Through Axolotl's DPO trainer (TRL tokenisation, our collator): every pair's
     recorded margins equal β·h and β·m_g computed from full logits, with
     z_g = (1 + λ)·z_θ − λ·z_ref."""
-    from axolotl.core.trainers.dpo.args import AxolotlDPOConfig
+    from test_dpo_trainer import _args, _peft_model, _perturb_adapter
 
     from axolotl_prefalign.integrations.axolotl.trainers.dpo import PrefAlignDPOTrainer
 
@@ -410,17 +393,7 @@ def test_the_dpo_trainer_records_flags_by_pair_id_from_full_logits(
     cfg = PrefAlignConfig.from_raw(
         {"loss": "spa", "spa": {"iteration": 1, "flags_file": str(flags)}}
     )
-    args = AxolotlDPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        beta=0.1,
-        max_length=64,
-        report_to=[],
-        remove_unused_columns=False,
-        use_cpu=True,
-        bf16=False,
-        max_steps=1,
-    )
+    args = _args(tmp_path)
     trainer = PrefAlignDPOTrainer(
         _peft_model(tiny_model_dir),
         None,
@@ -429,10 +402,7 @@ def test_the_dpo_trainer_records_flags_by_pair_id_from_full_logits(
         processing_class=tiny_tokenizer,
         prefalign=cfg,
     )
-    with torch.no_grad():  # move the trained adapter off its "ref" copy
-        for name, p in trainer.model.named_parameters():
-            if ".default." in name and "lora_" in name:
-                p.add_(torch.randn_like(p) * 0.05)
+    _perturb_adapter(trainer.model)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.model.train()
     trainer.compute_loss(trainer.model, batch)
