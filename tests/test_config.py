@@ -224,6 +224,7 @@ def test_every_yaml_example_validates_through_axolotl(path, monkeypatch):
 def test_examples_exist():
     names = {p.name for p in EXAMPLES}
     assert "quickstart-cpu.yml" in names
+    assert "robustft-options-cpu.yml" in names  # the options beyond the paper
 
 
 def test_reference_cache_with_spa_dnd_is_refused():
