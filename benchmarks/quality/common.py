@@ -308,6 +308,9 @@ def run_cmd(args: Sequence[str], log: Path) -> float:
     # as if it were activated
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # `accelerate launch` sets OMP_NUM_THREADS=1 unless it is set: training then
+    # used one of the cores (13 s per SFT step at 1 thread vs 7 s at 2 on this CPU)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"$ {' '.join(args)}   (log: {log})", flush=True)
