@@ -562,3 +562,29 @@ def test_dpo_all_is_reused_across_seed_sizes_only(mods, tmp_path):
     assert mods.prefs.seed_free_result(args, 1, "dpo_all") is None
     args.settings["epochs"] = "other"
     assert mods.prefs.seed_free_result(args, 0, "dpo_all") is None
+
+
+@pytest.mark.parametrize("options", [["negative", "positive"], ["a", "bb cc", "d e f g"]])
+def test_option_logliks_equal_one_plain_forward_per_option(
+    mods, tiny_model, tiny_tokenizer, options
+):
+    """The shared-prompt KV cache scorer gives each option's summed reply log-prob of
+    a plain, unpadded full-sequence forward of that option alone."""
+    import torch
+
+    from axolotl_prefalign.robustft.sft import render_example
+
+    tiny_model.eval()
+    prompt = "Which one?\n\nA. first\nB. second"
+    got = mods.common.option_logliks(tiny_model, tiny_tokenizer, prompt, options)
+    want = []
+    for opt in options:
+        head, tail = render_example(tiny_tokenizer, prompt, opt)
+        h = tiny_tokenizer(head, add_special_tokens=False)["input_ids"]
+        ids = h + tiny_tokenizer(tail, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model(torch.tensor([ids])).logits[0], -1)
+        want.append(sum(float(logp[i - 1, ids[i]]) for i in range(len(h), len(ids))))
+    assert len(got) == len(options)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len({round(x, 3) for x in got}) == len(options)  # the options differ
