@@ -341,6 +341,24 @@ def test_mc_split_names_a_dataset_too_small(mods):
         mods.mc.make_split("openbookqa", 900, 300, 0.3, seed=0)
 
 
+def test_mc_sst2_is_two_options_flipped_and_refused_above_40_percent(mods):
+    train, test = mods.mc.make_split("sst2", 200, 300, 0.4, seed=2)
+    assert len(train) == 200 and len(test) == 300
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    assert {tuple(r["options"]) for r in train + test} == {("negative", "positive")}
+    flipped = [r for r in train if r["answer"] != r["gold"]]
+    assert len(flipped) == 80  # 40% of 200, each to the other option
+    assert all({r["answer"], r["gold"]} == {"negative", "positive"} for r in flipped)
+    args = mods.mc.parse_args(["--data", "sst2", "--noise", "0.4"])
+    assert (args.data, args.noise) == ("sst2", 0.4)
+    with pytest.raises(SystemExit, match=r"in \[0, 0.4\] with --data sst2"):
+        mods.mc.parse_args(["--data", "sst2", "--noise", "0.5"])
+    # the 4-option sets keep their own limit
+    assert mods.mc.parse_args(["--noise", "0.5"]).noise == 0.5
+    assert mods.mc.data_name("sst2") == "SST-2 validation"
+    assert mods.mc.min_options("sst2") == 2 and mods.mc.min_options("arc_easy") == 4
+
+
 def test_mc_arms_settings_paper_best_and_cleanlab(mods):
     args = mods.mc.parse_args([])
     paper, best, clean = (
