@@ -577,7 +577,10 @@ def write_outputs(
 ) -> None:
     """results JSON + markdown table + PNG plot."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    # via a temporary file: a run killed while it writes keeps the previous result
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / f"{name}.json")
     (out / f"{name}.md").write_text(table_md)
     try:
         plot_fn(out / f"{name}.png")
