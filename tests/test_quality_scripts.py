@@ -461,6 +461,7 @@ def test_mc_table_marks_skipped_failed_and_partial_arms(mods):
                             },
                         },
                         "note": "denoise only so far",
+                        "expert_accuracy": {"labels": 0.7, "crossfit/loglik": 0.245},
                     },
                     "cleanlab_only": {"skipped": "needs the cleanlab package"},
                     "sft_noisy": {"error": "boom"},
@@ -473,6 +474,8 @@ def test_mc_table_marks_skipped_failed_and_partial_arms(mods):
     assert "| 0 | RobustFT best | 70 | 60.0% | 70.0% | – | – | – | – |" in md
     assert "| untrained | 1.0 | – | – | – |" in md
     assert "- cleanlab_only: needs the cleanlab package" in md
+    assert "| seed | arm | labels | crossfit/loglik |" in md
+    assert "| 0 | RobustFT best | 70.0% | 24.5% |" in md
 
 
 # -- preferences_little_data: seed sizes, sft_chosen, SPA gold ------------------
@@ -582,7 +585,9 @@ def test_dpo_all_is_reused_across_seed_sizes_only(mods, tmp_path):
     assert mods.prefs.seed_free_result(args, 0, "dpo_all") is None
 
 
-@pytest.mark.parametrize("options", [["negative", "positive"], ["a", "bb cc", "d e f g"]])
+@pytest.mark.parametrize(
+    "options", [["negative", "positive"], ["a", "bb cc", "d e f g"]]
+)
 def test_option_logliks_equal_one_plain_forward_per_option(
     mods, tiny_model, tiny_tokenizer, options
 ):
@@ -606,3 +611,33 @@ def test_option_logliks_equal_one_plain_forward_per_option(
     assert len(got) == len(options)
     assert got == pytest.approx(want, abs=1e-4)
     assert len({round(x, 3) for x in got}) == len(options)  # the options differ
+
+
+def test_expert_accuracy_against_the_gold_beside_the_labels(mods, tmp_path):
+    rows = [  # gold B; label as given, and each expert's vote (None: no answer)
+        ("B", "B", [("base", "loglik", "B"), ("crossfit", "loglik", "A")]),
+        ("B", "A", [("base", "loglik", "C"), ("crossfit", "loglik", "B")]),
+        ("C", "C", [("base", "loglik", None), ("crossfit", "loglik", "C")]),
+        ("A", "A", [("base", "loglik", "A"), ("crossfit", "loglik", "A")]),
+    ]
+    options = ["w", "x", "y", "z"]
+    records = [
+        {
+            "options": options,
+            "gold": options["ABCD".index(g)],
+            "answer": "relabelled later",
+            "robustft_original_answer": options["ABCD".index(label)],
+            "robustft_votes": [
+                {"expert": e, "prompt": p, "answer": a} for e, p, a in votes
+            ],
+        }
+        for g, label, votes in rows
+    ]
+    # a row without a gold in its options is left out, not counted wrong
+    records.append({**records[0], "gold": "not an option"})
+    mods.common.write_jsonl(tmp_path / "all.jsonl", records)
+    assert mods.common.expert_accuracy(tmp_path) == {
+        "labels": 0.75,
+        "base/loglik": 0.5,
+        "crossfit/loglik": 0.75,
+    }

@@ -201,6 +201,27 @@ def expert_answers(denoised: Path) -> dict[str, dict[str, int]]:
     return {k: dict(sorted(v.items())) for k, v in sorted(counts.items())}
 
 
+def expert_accuracy(denoised: Path, gold_field: str = "gold") -> dict[str, float]:
+    """Share of the rows whose gold option each expert/prompt answered, beside the
+    share whose label (as given) is the gold: RobustFT's premise is an expert that
+    beats the labels. A vote with no answer counts as wrong; rows without a gold
+    or its option are left out."""
+    from axolotl_prefalign.robustft.answers import letters
+
+    hits: dict[str, list[bool]] = {}
+    for row in read_jsonl(denoised / "all.jsonl"):
+        options, gold = row.get("options") or [], row.get(gold_field)
+        if gold not in options:
+            continue
+        right = letters(len(options))[options.index(gold)]
+        label = row.get("robustft_original_answer", row.get("answer"))
+        hits.setdefault("labels", []).append(label == gold)
+        for vote in row.get("robustft_votes") or []:
+            key = f"{vote['expert']}/{vote['prompt']}"
+            hits.setdefault(key, []).append(vote.get("answer") == right)
+    return {k: round(sum(v) / len(v), 4) for k, v in hits.items()}
+
+
 def denoise_report_dir(parent: Path, settings: Mapping[str, Any]) -> Path:
     """The finished denoise folder under `parent` run with these robustft settings.
 
@@ -390,9 +411,11 @@ def option_logliks(
 
     from axolotl_prefalign.robustft.sft import render_example
 
-    heads, tails = zip(*(render_example(tok, prompt, opt) for opt in options))
+    heads, tails = zip(
+        *(render_example(tok, prompt, opt) for opt in options), strict=True
+    )
     if len(set(heads)) != 1:
-        raise ValueError("the chat template renders the prompt differently per option")
+        raise ValueError("the chat template renders the prompt differently by option")
     head = tok(heads[0], add_special_tokens=False)["input_ids"]
     replies = [tok(t, add_special_tokens=False)["input_ids"] for t in tails]
     width = max(len(r) for r in replies)

@@ -105,8 +105,9 @@ def noise_problem(data: str, noise: float) -> str | None:
     if data == SST2:
         if not 0.0 <= noise <= SST2_MAX_NOISE:
             return (
-                f"--noise must be in [0, {SST2_MAX_NOISE}] with --data {SST2}: with two "
-                "options a flip rate near 50% leaves the labels independent of the truth"
+                f"--noise must be in [0, {SST2_MAX_NOISE}] with --data {SST2}: with "
+                "two options a flip rate near 50% leaves the labels independent of "
+                "the truth"
             )
         return None
     if not 0.0 <= noise < MAX_NOISE:
@@ -265,6 +266,7 @@ def run_denoise_arm(
     folder = common.denoise_report_dir(work / arm / "denoised", block)
     entry["denoise_report"] = json.loads((folder / "report.json").read_text())
     entry["expert_answers"] = _expert_answers(folder)
+    entry["expert_accuracy"] = common.expert_accuracy(folder)
     record["arms"][arm] = {**entry, "note": "denoise only so far"}
     args.save()  # the detection numbers survive an interrupted training
     if arm == "cleanlab_only":
@@ -478,6 +480,31 @@ def table(result: dict) -> str:
                 f"| | {common.fmt_mean_sd(acc) if acc else '–'} | |"
             )
 
+    experts = sorted(
+        {
+            k
+            for rec in result["runs"].values()
+            for arm in DENOISE_ARMS
+            for k in (rec["arms"].get(arm) or {}).get("expert_accuracy") or {}
+            if k != "labels"
+        }
+    )
+    if experts:
+        lines += [
+            "",
+            "Accuracy on the training questions (against the gold) of the labels and "
+            "of each expert's answer: RobustFT needs an expert above the labels.\n",
+            "| seed | arm | labels | " + " | ".join(experts) + " |",
+            "|---" * (len(experts) + 3) + "|",
+        ]
+        for seed, rec in result["runs"].items():
+            for arm in DENOISE_ARMS:
+                acc = (rec["arms"].get(arm) or {}).get("expert_accuracy")
+                if acc:
+                    cells = [_pct(acc.get(k)) for k in ["labels", *experts]]
+                    lines.append(
+                        f"| {seed} | {LABELS[arm]} | " + " | ".join(cells) + " |"
+                    )
     lines += [
         "",
         "Wall time per arm, minutes (mean over the seeds that ran it here; reused "
@@ -556,7 +583,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data",
         choices=DATA_CHOICES,
         default="arc_easy",
-        help=f"a 4+ option set, or {SST2} (two options, --noise up to {SST2_MAX_NOISE})",
+        help=f"a 4+ option set, or {SST2} (two options, --noise up to "
+        f"{SST2_MAX_NOISE})",
     )
     p.add_argument("--noise", type=float, default=0.3)
     p.add_argument("--n-train", type=int, default=200)
