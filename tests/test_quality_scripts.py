@@ -641,3 +641,55 @@ def test_expert_accuracy_against_the_gold_beside_the_labels(mods, tmp_path):
         "base/loglik": 0.5,
         "crossfit/loglik": 0.75,
     }
+
+
+def test_spa_gold_posthoc_reproduces_the_loop_and_counts_contains(tmp_path):
+    """choice: a free answer naming no option is unknown; contains: it is right
+    when the correct option's text is in it, wrong otherwise."""
+    sys.path.insert(0, str(QUALITY))
+    try:
+        posthoc = importlib.import_module("spa_gold_posthoc")
+    finally:
+        sys.path.remove(str(QUALITY))
+    from axolotl_prefalign.core.shards import ShardWriter
+
+    options = ["heat capacity", "density", "mass", "volume"]
+    prompts = [
+        {"prompt": f"Q{k}?", "gold": "heat capacity", "options": options}
+        for k in range(3)
+    ]
+    (tmp_path / "data").mkdir()
+    text = "\n".join(json.dumps(p) for p in prompts) + "\n"
+    (tmp_path / "data" / "prompts.jsonl").write_text(text)
+    pairs = [  # (chosen, rejected)
+        ("It is heat capacity.", "Something else entirely."),  # contains: one right
+        (
+            "No idea at all.",
+            "Maybe it is the heat capacity.",
+        ),  # one right, chosen wrong
+        ("It is density, not mass.", "Answer: C"),  # choice: unknown (two) vs wrong
+    ]
+    d = tmp_path / "spa" / "iter_1"
+    writer = ShardWriter(d / "pairs", {"iteration": 1})
+    rows = [
+        {"prompt": f"Q{k}?", "chosen": c, "rejected": r, "index": k}
+        for k, (c, r) in enumerate(pairs)
+    ]
+    writer.write(rows, [r["index"] for r in rows])
+    writer.finish({"iteration": 1})
+    loop = {"checker": "choice", "pairs": 3, "exactly_one": 0, "both": 0}
+    loop.update(neither=0, unknown=3)
+    (d / "gold_report.json").write_text(json.dumps(loop))
+    got = posthoc.reports(tmp_path, ["choice", "contains"])
+    choice, contains = got["choice"]["1"], got["contains"]["1"]
+    assert {k: choice[k] for k in posthoc.COUNTS} == {
+        k: loop[k] for k in posthoc.COUNTS
+    }
+    assert choice["matches_loop_report"] is True
+    assert (contains["exactly_one"], contains["neither"], contains["unknown"]) == (
+        2,
+        1,
+        0,
+    )
+    assert contains["summary"]["self_label_accuracy"] == 0.5
+    assert "matches_loop_report" not in contains  # the loop ran choice only
