@@ -826,3 +826,50 @@ def test_one_answer_is_not_flagged_when_the_labels_are_that_answer(tmp_path, cap
     replies = {("plain", q): "Answer: B" for q in small["question"]}
     result = run(tmp_path, FakeModel(replies), name="small", ds=small, reasoning=False)
     assert result.report["one_answer_experts"] == []
+
+
+def test_gold_report_has_each_experts_accuracy_and_warns_below_the_labels(
+    tmp_path, caplog
+):
+    """expert_accuracy equals a recount from the written rows' votes against the
+    gold; with no expert above the labels' accuracy the run warns, by name."""
+    import logging
+
+    from axolotl_prefalign.robustft.answers import letters
+    from axolotl_prefalign.robustft.pipeline import premise_warning
+
+    with caplog.at_level(logging.WARNING, logger="axolotl_prefalign"):
+        result = run(tmp_path, FakeModel(REPLIES))
+    gold = result.report["gold"]
+    want: dict[str, list[bool]] = {}
+    for row in result.all_rows:
+        if row["robustft_status"] == "skipped":
+            continue
+        right = row["gold"]
+        if row.get("options"):
+            right = (
+                letters(len(row["options"]))[row["options"].index(right)]
+                if (right in row["options"])
+                else right
+            )
+        for v in row["robustft_votes"]:
+            want.setdefault(f"{v['expert']}/{v['prompt']}", []).append(
+                v["answer"] is not None and v["answer"].upper() == right.upper()
+            )
+    assert want, "the fixture's experts voted"
+    assert gold["expert_accuracy"] == {
+        k: pytest.approx(sum(v) / len(v)) for k, v in sorted(want.items())
+    }
+    assert "expert base/" in P.format_report(result.report)
+    best = max(gold["expert_accuracy"].values())
+    warned = any("no expert is right more often" in r.message for r in caplog.records)
+    assert warned == (best <= gold["label_accuracy_in"])
+    weak = {**result.report, "gold": {**gold, "expert_accuracy": {"base/plain": 0.3}}}
+    weak["gold"]["label_accuracy_in"] = 0.7
+    assert premise_warning(weak) == (
+        "no expert is right more often than the labels against 'gold': best "
+        "base/plain 30.0% vs labels 70.0%; detection and relabelling cannot beat "
+        "the input here (use a stronger expert)"
+    )
+    strong = {**weak, "gold": {**weak["gold"], "expert_accuracy": {"base/plain": 0.8}}}
+    assert premise_warning(strong) is None

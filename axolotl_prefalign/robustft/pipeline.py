@@ -707,6 +707,9 @@ def _write_outputs(
         if value is not None:
             report[name] = value
     _warn_if_experts_look_weak(report)
+    premise = premise_warning(report)
+    if premise:
+        LOG.warning("robustft: %s", premise)
     _write_jsonl(out_dir / ALL_FILE, all_rows)
     _write_jsonl(out_dir / TRAIN_FILE, train_rows)
     atomic_write_json(out_dir / REPORT_FILE, report)
@@ -903,8 +906,41 @@ def build_report(
             "label_accuracy_out": _rate(
                 sum(right(r, "new") for r in train), len(train)
             ),
+            # RobustFT's premise: an expert right more often than the labels
+            "expert_accuracy": expert_accuracy(rows, rel_tol),
         }
     return report
+
+
+def expert_accuracy(
+    rows: Sequence[Mapping[str, Any]], rel_tol: float
+) -> dict[str, float | None]:
+    """Each expert/prompt's share of right answers against the gold (no answer
+    counts as wrong), over the rows it voted on."""
+    hits: dict[str, list[bool]] = {}
+    for r in rows:
+        for v in r.get("votes") or []:
+            key = f"{v['expert']}/{v['prompt']}"
+            ok = answers_match(v["answer"], r["gold"], r["kind"], rel_tol)
+            hits.setdefault(key, []).append(ok)
+    return {k: _rate(sum(v), len(v)) for k, v in sorted(hits.items())}
+
+
+def premise_warning(report: Mapping[str, Any]) -> str | None:
+    """A warning when no expert beats the labels against the gold column."""
+    gold = report.get("gold") or {}
+    experts = {k: v for k, v in (gold.get("expert_accuracy") or {}).items() if v}
+    labels = gold.get("label_accuracy_in")
+    if not experts or labels is None:
+        return None
+    best, acc = max(experts.items(), key=lambda kv: kv[1])
+    if acc > labels:
+        return None
+    return (
+        f"no expert is right more often than the labels against {gold['field']!r}: "
+        f"best {best} {100 * acc:.1f}% vs labels {100 * labels:.1f}%; detection "
+        "and relabelling cannot beat the input here (use a stronger expert)"
+    )
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -944,6 +980,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"  label accuracy in     {pct(gold['label_accuracy_in']):>6}",
             f"  label accuracy out    {pct(gold['label_accuracy_out']):>6}",
         ]
+        for name, acc in (gold.get("expert_accuracy") or {}).items():
+            lines.append(f"  expert {name:<22} {pct(acc):>6} right")
     dist = report.get("label_distribution")
     if dist:
         row = "  {:<14} {:>7} {:>11} {:>7}"
