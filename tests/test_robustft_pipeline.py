@@ -873,3 +873,8 @@ def test_gold_report_has_each_experts_accuracy_and_warns_below_the_labels(
     )
     strong = {**weak, "gold": {**weak["gold"], "expert_accuracy": {"base/plain": 0.8}}}
     assert premise_warning(strong) is None
+    # an expert that is never right is the clearest case, not a missing number
+    never = {**weak, "gold": {**weak["gold"], "expert_accuracy": {"base/plain": 0.0}}}
+    assert "best base/plain 0.0% vs labels 70.0%" in premise_warning(never)
+    none = {**weak, "gold": {**weak["gold"], "expert_accuracy": {"base/plain": None}}}
+    assert premise_warning(none) is None

@@ -929,7 +929,9 @@ def expert_accuracy(
 def premise_warning(report: Mapping[str, Any]) -> str | None:
     """A warning when no expert beats the labels against the gold column."""
     gold = report.get("gold") or {}
-    experts = {k: v for k, v in (gold.get("expert_accuracy") or {}).items() if v}
+    experts = {
+        k: v for k, v in (gold.get("expert_accuracy") or {}).items() if v is not None
+    }
     labels = gold.get("label_accuracy_in")
     if not experts or labels is None:
         return None
