@@ -613,34 +613,21 @@ def test_option_logliks_equal_one_plain_forward_per_option(
     assert len({round(x, 3) for x in got}) == len(options)  # the options differ
 
 
-def test_expert_accuracy_against_the_gold_beside_the_labels(mods, tmp_path):
-    rows = [  # gold B; label as given, and each expert's vote (None: no answer)
-        ("B", "B", [("base", "loglik", "B"), ("crossfit", "loglik", "A")]),
-        ("B", "A", [("base", "loglik", "C"), ("crossfit", "loglik", "B")]),
-        ("C", "C", [("base", "loglik", None), ("crossfit", "loglik", "C")]),
-        ("A", "A", [("base", "loglik", "A"), ("crossfit", "loglik", "A")]),
-    ]
-    options = ["w", "x", "y", "z"]
-    records = [
-        {
-            "options": options,
-            "gold": options["ABCD".index(g)],
-            "answer": "relabelled later",
-            "robustft_original_answer": options["ABCD".index(label)],
-            "robustft_votes": [
-                {"expert": e, "prompt": p, "answer": a} for e, p, a in votes
-            ],
+def test_mc_expert_accuracy_comes_from_the_denoise_report(mods):
+    report = {
+        "gold": {
+            "label_accuracy_in": 0.7,
+            "expert_accuracy": {"base/loglik": 0.285, "crossfit/loglik": 0.245},
         }
-        for g, label, votes in rows
-    ]
-    # a row without a gold in its options is left out, not counted wrong
-    records.append({**records[0], "gold": "not an option"})
-    mods.common.write_jsonl(tmp_path / "all.jsonl", records)
-    assert mods.common.expert_accuracy(tmp_path) == {
-        "labels": 0.75,
-        "base/loglik": 0.5,
-        "crossfit/loglik": 0.75,
     }
+    assert mods.mc.expert_accuracy(report) == {
+        "labels": 0.7,
+        "base/loglik": 0.285,
+        "crossfit/loglik": 0.245,
+    }
+    # a report from before the per-expert numbers, or one without a gold column
+    assert mods.mc.expert_accuracy({"gold": {"label_accuracy_in": 0.7}}) is None
+    assert mods.mc.expert_accuracy({}) is None
 
 
 def test_spa_gold_posthoc_reproduces_the_loop_and_counts_contains(tmp_path):

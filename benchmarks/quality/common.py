@@ -201,27 +201,6 @@ def expert_answers(denoised: Path) -> dict[str, dict[str, int]]:
     return {k: dict(sorted(v.items())) for k, v in sorted(counts.items())}
 
 
-def expert_accuracy(denoised: Path, gold_field: str = "gold") -> dict[str, float]:
-    """Share of the rows whose gold option each expert/prompt answered, beside the
-    share whose label (as given) is the gold: RobustFT's premise is an expert that
-    beats the labels. A vote with no answer counts as wrong; rows without a gold
-    or its option are left out."""
-    from axolotl_prefalign.robustft.answers import letters
-
-    hits: dict[str, list[bool]] = {}
-    for row in read_jsonl(denoised / "all.jsonl"):
-        options, gold = row.get("options") or [], row.get(gold_field)
-        if gold not in options:
-            continue
-        right = letters(len(options))[options.index(gold)]
-        label = row.get("robustft_original_answer", row.get("answer"))
-        hits.setdefault("labels", []).append(label == gold)
-        for vote in row.get("robustft_votes") or []:
-            key = f"{vote['expert']}/{vote['prompt']}"
-            hits.setdefault(key, []).append(vote.get("answer") == right)
-    return {k: round(sum(v) / len(v), 4) for k, v in hits.items()}
-
-
 def denoise_report_dir(parent: Path, settings: Mapping[str, Any]) -> Path:
     """The finished denoise folder under `parent` run with these robustft settings.
 
@@ -399,33 +378,25 @@ def load_model(adapter_dir: Path | None = None):
     return model, tok
 
 
-def option_logliks(
-    model: Any, tok: Any, prompt: str, options: Sequence[str]
+def reply_logprobs(
+    model: Any, tok: Any, head: str, tails: Sequence[str]
 ) -> list[float]:
-    """Summed log-likelihood of each option text as the assistant reply.
+    """Summed log-prob of each tail text after the head text (tokenised apart).
 
-    The rendered prompt is the same for every option, so it runs once and its KV
-    cache is shared by the options' replies (2.2x faster than one padded batch of
-    the full sequences on ARC-Easy; the sums agree to 4e-5)."""
+    The head runs once and its KV cache is shared by the tails (2.2x faster than
+    one padded batch of the full sequences on ARC-Easy; the sums agree to 4e-5)."""
     import torch
 
-    from axolotl_prefalign.robustft.sft import render_example
-
-    heads, tails = zip(
-        *(render_example(tok, prompt, opt) for opt in options), strict=True
-    )
-    if len(set(heads)) != 1:
-        raise ValueError("the chat template renders the prompt differently by option")
-    head = tok(heads[0], add_special_tokens=False)["input_ids"]
+    h = tok(head, add_special_tokens=False)["input_ids"]
     replies = [tok(t, add_special_tokens=False)["input_ids"] for t in tails]
     width = max(len(r) for r in replies)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in replies])
     mask = torch.tensor(
-        [[1] * (len(head) + len(r)) + [0] * (width - len(r)) for r in replies]
+        [[1] * (len(h) + len(r)) + [0] * (width - len(r)) for r in replies]
     )
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([head]), use_cache=True)
+        out = model(input_ids=torch.tensor([h]), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(len(replies))
@@ -433,10 +404,24 @@ def option_logliks(
     logp = torch.log_softmax(logits.float(), dim=-1)
     sums = []
     for i, r in enumerate(replies):
-        # the reply tokens: the option text and the end-of-turn
         rest = logp[i, : len(r) - 1].gather(-1, torch.tensor(r[1:]).unsqueeze(-1))
         sums.append(float(first[r[0]] + rest.sum()))
     return sums
+
+
+def option_logliks(
+    model: Any, tok: Any, prompt: str, options: Sequence[str]
+) -> list[float]:
+    """Summed log-likelihood of each option text as the assistant reply (the option
+    text and the end-of-turn), after the chat-rendered prompt."""
+    from axolotl_prefalign.robustft.sft import render_example
+
+    heads, tails = zip(
+        *(render_example(tok, prompt, opt) for opt in options), strict=True
+    )
+    if len(set(heads)) != 1:
+        raise ValueError("the chat template renders the prompt differently by option")
+    return reply_logprobs(model, tok, heads[0], tails)
 
 
 def mc_accuracy(model: Any, tok: Any, rows: Sequence[Mapping[str, Any]]) -> float:
@@ -600,10 +585,10 @@ def write_outputs(
 ) -> None:
     """results JSON + markdown table + PNG plot."""
     out.mkdir(parents=True, exist_ok=True)
-    # via a temporary file: a run killed while it writes keeps the previous result
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / f"{name}.json")
+    from axolotl_prefalign.core.shards import atomic_write_text
+
+    # a run killed while it writes keeps the previous result
+    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(table_md)
     try:
         plot_fn(out / f"{name}.png")

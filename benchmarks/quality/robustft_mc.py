@@ -233,6 +233,16 @@ def _expert_answers(folder: Path) -> dict | None:
         return None
 
 
+def expert_accuracy(report: dict[str, Any]) -> dict[str, float] | None:
+    """The labels' and each expert's share of right answers against the gold, from
+    the denoise report (`gold.label_accuracy_in`, `gold.expert_accuracy`), or None
+    when the report has no per-expert numbers."""
+    gold = report.get("gold") or {}
+    if "expert_accuracy" not in gold:
+        return None
+    return {"labels": gold["label_accuracy_in"], **gold["expert_accuracy"]}
+
+
 def missing_package(block: dict[str, Any]) -> str | None:
     """What an arm's settings need that is not installed (cleanlab), or None."""
     import importlib.util
@@ -266,7 +276,7 @@ def run_denoise_arm(
     folder = common.denoise_report_dir(work / arm / "denoised", block)
     entry["denoise_report"] = json.loads((folder / "report.json").read_text())
     entry["expert_answers"] = _expert_answers(folder)
-    entry["expert_accuracy"] = common.expert_accuracy(folder)
+    entry["expert_accuracy"] = expert_accuracy(entry["denoise_report"])
     record["arms"][arm] = {**entry, "note": "denoise only so far"}
     args.save()  # the detection numbers survive an interrupted training
     if arm == "cleanlab_only":
