@@ -174,22 +174,6 @@ def contrast_cfg(
     return cfg
 
 
-def reply_logp(model: Any, tok: Any, head: str, tails: list[str]) -> list[float]:
-    """Summed log-prob of each tail text after the head text."""
-    import torch
-
-    h = tok(head, add_special_tokens=False)["input_ids"]
-    seqs = [h + tok(t, add_special_tokens=False)["input_ids"] for t in tails]
-    width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id or 0
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
-    lp = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return [float(lp[i, len(h) - 1 : len(s) - 1].sum()) for i, s in enumerate(seqs)]
-
-
 def prompt_and_tails(tok: Any, arm: str, question: str, options: list[str]):
     """(head, tails) as the arm was trained: chat turns, or the contrast prefix."""
     from axolotl_prefalign.robustft.sft import render_example
@@ -228,14 +212,14 @@ def evaluate(arm: str, model_dir: Path | None, merged: bool, test: list[dict]) -
         key = (head, tuple(tails))
         if model_dir is None:  # the policy is the base model
             if key not in _REF_LOGP:
-                _REF_LOGP[key] = reply_logp(policy, tok, head, tails)
+                _REF_LOGP[key] = common.reply_logprobs(policy, tok, head, tails)
             lp = _REF_LOGP[key]
         else:
-            lp = reply_logp(policy, tok, head, tails)
+            lp = common.reply_logprobs(policy, tok, head, tails)
         if key not in _REF_LOGP:
             if ref is None:
                 ref, _ = common.load_model(None)
-            _REF_LOGP[key] = reply_logp(ref, tok, head, tails)
+            _REF_LOGP[key] = common.reply_logprobs(ref, tok, head, tails)
         lr = _REF_LOGP[key]
         ci, ri = r["options"].index(r["gold"]), r["options"].index(r["rejected"])
         pref += (lp[ci] - lr[ci]) > (lp[ri] - lr[ri])
