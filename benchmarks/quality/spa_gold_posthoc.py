@@ -25,27 +25,26 @@ COUNTS = ("pairs", "exactly_one", "both", "neither", "unknown")
 def reports(work: Path, checkers: list[str], iterations: int = 2) -> dict[str, Any]:
     """{checker: {iteration: {counts..., summary}}} for one seed's work folder
     (`data/prompts.jsonl` and `spa/iter_<i>/`)."""
+    from axolotl_prefalign.core.config import SpaPromptSource
     from axolotl_prefalign.core.shards import read_shards
     from axolotl_prefalign.spa.gold import (
         FLAGS_FILE,
         gold_report,
         gold_summary,
         read_flags,
-        resolve_gold,
     )
+    from axolotl_prefalign.spa.loop import load_prompts
 
-    lines = (work / "data" / "prompts.jsonl").read_text().splitlines()
-    prompts = [json.loads(line) for line in lines if line.strip()]
+    # the prompt source as preferences_little_data.py gives it to the loop
+    source = SpaPromptSource(
+        path=str(work / "data" / "prompts.jsonl"),
+        gold_field="gold",
+        gold_options_field="options",
+    )
     out: dict[str, Any] = {}
     for checker in checkers:
-        rows = [
-            {
-                "index": k,
-                "gold": resolve_gold(p["gold"], p["options"], checker),
-                "options": p["options"],
-            }
-            for k, p in enumerate(prompts)
-        ]
+        # the loop's own reading: source positions as `index`, gold per checker
+        rows = load_prompts(source, gold_checker=checker).to_list()
         out[checker] = {}
         for i in range(1, iterations + 1):
             d = work / "spa" / f"iter_{i}"
