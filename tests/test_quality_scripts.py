@@ -680,3 +680,77 @@ def test_spa_gold_posthoc_reproduces_the_loop_and_counts_contains(tmp_path):
     )
     assert contains["summary"]["self_label_accuracy"] == 0.5
     assert "matches_loop_report" not in contains  # the loop ran choice only
+
+
+def _posthoc_seed(root, pairs, flags):
+    """One seed folder for spa_gold_posthoc: prompts, iteration-1 pairs, flags."""
+    from axolotl_prefalign.core.shards import ShardWriter
+
+    options = ["heat capacity", "density", "mass", "volume"]
+    (root / "data").mkdir(parents=True)
+    prompts = [
+        {"prompt": f"Q{k}?", "gold": "heat capacity", "options": options}
+        for k in range(len(pairs))
+    ]
+    text = "\n".join(json.dumps(p) for p in prompts) + "\n"
+    (root / "data" / "prompts.jsonl").write_text(text)
+    d = root / "spa" / "iter_1"
+    writer = ShardWriter(d / "pairs", {"iteration": 1})
+    rows = [
+        {"prompt": f"Q{k}?", "chosen": c, "rejected": r, "index": k}
+        for k, (c, r) in enumerate(pairs)
+    ]
+    writer.write(rows, [r["index"] for r in rows])
+    writer.finish({"iteration": 1})
+    lines = [
+        json.dumps(
+            {"pair_id": k, "confident_plain": plain, "confident_dnd": dnd}
+            | {"dnd_lambda": 0.5}
+        )
+        for k, (plain, dnd) in flags.items()
+    ]
+    (d / "spa_flags.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_spa_gold_posthoc_pools_counts_over_seeds(tmp_path):
+    """Pooled self-label accuracy and flag precision / recall are ratios of the
+    summed counts, not means of the seeds' percentages."""
+    sys.path.insert(0, str(QUALITY))
+    try:
+        posthoc = importlib.import_module("spa_gold_posthoc")
+    finally:
+        sys.path.remove(str(QUALITY))
+    right, wrong, other = "It is heat capacity.", "It is density.", "No idea."
+    # seed a: 1 exactly-one pair, self-label right, flagged by plain only
+    _posthoc_seed(tmp_path / "a", [(right, wrong), (other, wrong)], {0: (False, True)})
+    # seed b: 3 exactly-one pairs, labels wrong/wrong/right
+    pairs_b = [(wrong, right), (other, right), (right, other), (wrong, other)]
+    flags_b = {0: (False, False), 1: (True, False), 2: (True, True)}
+    _posthoc_seed(tmp_path / "b", pairs_b, flags_b)
+    per_seed = {
+        s: posthoc.reports(tmp_path / s, ["contains"], iterations=1) for s in "ab"
+    }
+    got = posthoc.pool(per_seed)["contains"]["1"]
+    assert (got["seeds"], got["pairs"], got["exactly_one"], got["neither"]) == (
+        2,
+        6,
+        4,
+        2,
+    )
+    # 2 right of 4 pooled = 50%; the mean of the seeds' 100% and 33.3% is 66.7%
+    assert got["self_labels"] == {"pairs": 4, "correct": 2, "accuracy": 0.5}
+    # wrong labels: b0, b1. Plain flags (c = 0): a0, b0 -> hits b0: 1/2, 1/2
+    plain = got["without_dnd"]
+    assert (plain["flagged"], plain["wrong"], plain["hits"]) == (2, 2, 1)
+    assert (plain["precision"], plain["recall"]) == (0.5, 0.5)
+    # DND flags: b0, b1 -> both wrong: 2/2, 2/2
+    dnd = got["with_dnd"]
+    assert (dnd["flagged"], dnd["hits"], dnd["precision"], dnd["recall"]) == (
+        2,
+        2,
+        1.0,
+        1.0,
+    )
+    lines = posthoc.pooled_table(posthoc.pool(per_seed))
+    want = "| contains | 1 | 2 | 6 | 4 | 2/4 = 50.0% | 2/2 = 100.0% / 2/2 = 100.0% |"
+    assert want in lines[2]

@@ -8,8 +8,15 @@ package's own `spa.gold.gold_report`, for every checker given (default `choice`,
 which must reproduce the loop's counts, and `contains`: right when the answer
 contains the correct option's text). Nothing is trained or scored.
 
+Given several seeds' folders it also pools them: per checker and iteration, the
+summed counts of pairs with exactly one right sample, self-labels right and noise
+flags, and the accuracy / precision / recall of the sums. A seed run has only a few
+exactly-one pairs, so a mean of per-seed percentages would weigh 1 pair like 10.
+
     python benchmarks/quality/spa_gold_posthoc.py \\
         outputs/quality/preferences_little_data_seed20/seed0 --out /tmp/g.json
+    python benchmarks/quality/spa_gold_posthoc.py \\
+        outputs/quality/preferences_little_data_seed20/seed* --out /tmp/g.json
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ def reports(work: Path, checkers: list[str], iterations: int = 2) -> dict[str, A
             flags = read_flags(d / FLAGS_FILE) or None
             rep = gold_report(rows, read_shards(d / "pairs"), checker, flags, i)
             entry = {k: rep[k] for k in COUNTS}
+            entry["self_labels"] = rep["self_labels"]
+            entry["flags"] = {
+                k: rep["noise_flags"].get(k) for k in ("with_dnd", "without_dnd")
+            }
             entry["summary"] = gold_summary(rep)
             loop = d / "gold_report.json"
             if loop.exists():
@@ -63,23 +74,101 @@ def reports(work: Path, checkers: list[str], iterations: int = 2) -> dict[str, A
     return out
 
 
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def pool(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{checker: {iteration: summed counts and their ratios}} over the seeds'
+    `reports` results ({seed folder: result})."""
+    out: dict[str, Any] = {}
+    for result in per_seed.values():
+        for checker, its in result.items():
+            for i, e in its.items():
+                acc = out.setdefault(checker, {}).setdefault(
+                    i, {"seeds": 0, **dict.fromkeys(COUNTS, 0)}
+                )
+                acc["seeds"] += 1
+                for k in COUNTS:
+                    acc[k] += e[k]
+                labels = acc.setdefault("self_labels", {"pairs": 0, "correct": 0})
+                labels["pairs"] += e["self_labels"]["pairs"]
+                labels["correct"] += e["self_labels"]["correct"]
+                for kind, f in e["flags"].items():
+                    if f is None:  # the run recorded no flags of this kind
+                        continue
+                    a = acc.setdefault(kind, {"flagged": 0, "wrong": 0, "hits": 0})
+                    a["flagged"] += f["flagged"]
+                    a["wrong"] += f["wrong"]
+                    a["hits"] += f["flagged_wrong"]
+    for its in out.values():
+        for acc in its.values():
+            labels = acc["self_labels"]
+            labels["accuracy"] = _ratio(labels["correct"], labels["pairs"])
+            for kind in ("with_dnd", "without_dnd"):
+                if kind in acc:
+                    a = acc[kind]
+                    a["precision"] = _ratio(a["hits"], a["flagged"])
+                    a["recall"] = _ratio(a["hits"], a["wrong"])
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1%}"
+
+
+def pooled_table(pooled: dict[str, Any]) -> list[str]:
+    """Markdown rows of `pool`'s sums."""
+    lines = [
+        "| checker | iteration | seeds | pairs | exactly one right | self-labels right "
+        "| flags precision / recall (DND) | flags precision / recall (no DND) |",
+        "|---" * 8 + "|",
+    ]
+    for checker, its in pooled.items():
+        for i, a in its.items():
+            sl = a["self_labels"]
+            flags = []
+            for kind in ("with_dnd", "without_dnd"):
+                f = a.get(kind)
+                flags.append(
+                    "not recorded"
+                    if f is None
+                    else f"{f['hits']}/{f['flagged']} = {_pct(f['precision'])} / "
+                    f"{f['hits']}/{f['wrong']} = {_pct(f['recall'])}"
+                )
+            lines.append(
+                f"| {checker} | {i} | {a['seeds']} | {a['pairs']} | {a['exactly_one']} "
+                f"| {sl['correct']}/{sl['pairs']} = {_pct(sl['accuracy'])} "
+                f"| {flags[0]} | {flags[1]} |"
+            )
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("work", type=Path, help="a seed's work folder (has data/, spa/)")
+    p.add_argument(
+        "work", type=Path, nargs="+", help="seed work folders (each has data/, spa/)"
+    )
     p.add_argument("--checkers", nargs="+", default=["choice", "contains"])
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     args = p.parse_args()
-    result = reports(args.work, args.checkers)
-    print(f"| checker | iteration | {' | '.join(COUNTS)} | self-label accuracy |")
-    print("|---" * (len(COUNTS) + 3) + "|")
-    for checker, its in result.items():
-        for i, e in its.items():
-            acc = e["summary"].get("self_label_accuracy")
-            cells = " | ".join(str(e[k]) for k in COUNTS)
-            shown = "–" if acc is None else f"{acc:.1%}"
-            print(f"| {checker} | {i} | {cells} | {shown} |")
+    per_seed = {str(w): reports(w, args.checkers) for w in args.work}
+    head = " | ".join(COUNTS)
+    print(f"| folder | checker | iteration | {head} | self-label accuracy |")
+    print("|---" * (len(COUNTS) + 4) + "|")
+    for work, result in per_seed.items():
+        for checker, its in result.items():
+            for i, e in its.items():
+                cells = " | ".join(str(e[k]) for k in COUNTS)
+                shown = _pct(e["summary"].get("self_label_accuracy"))
+                print(f"| {work} | {checker} | {i} | {cells} | {shown} |")
+    pooled = pool(per_seed)
+    if len(per_seed) > 1:
+        print("\nPooled over the folders:\n")
+        print("\n".join(pooled_table(pooled)))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        out = {"per_seed": per_seed, "pooled": pooled}
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
