@@ -95,7 +95,7 @@ def pool(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 labels["pairs"] += e["self_labels"]["pairs"]
                 labels["correct"] += e["self_labels"]["correct"]
                 for kind, f in e["flags"].items():
-                    if f is None:  # the run recorded no flags of this kind
+                    if f is None:  # none recorded, DND off, or no pairs
                         continue
                     a = acc.setdefault(kind, {"flagged": 0, "wrong": 0, "hits": 0})
                     a["flagged"] += f["flagged"]
@@ -120,7 +120,7 @@ def _pct(v: float | None) -> str:
 def pooled_table(pooled: dict[str, Any]) -> list[str]:
     """Markdown rows of `pool`'s sums."""
     lines = [
-        "| checker | iteration | seeds | pairs | exactly one right | self-labels right "
+        "| checker | iteration | runs | pairs | exactly one right | self-labels right "
         "| flags precision / recall (DND) | flags precision / recall (no DND) |",
         "|---" * 8 + "|",
     ]
@@ -131,7 +131,7 @@ def pooled_table(pooled: dict[str, Any]) -> list[str]:
             for kind in ("with_dnd", "without_dnd"):
                 f = a.get(kind)
                 flags.append(
-                    "not recorded"
+                    "–"
                     if f is None
                     else f"{f['hits']}/{f['flagged']} = {_pct(f['precision'])} / "
                     f"{f['hits']}/{f['wrong']} = {_pct(f['recall'])}"
