@@ -514,6 +514,16 @@ def test_spa_arm_configures_the_gold_checker(mods, tmp_path):
     args = mods.prefs.parse_args([])
     args.seed_size = 20
     cfg = mods.prefs.spa_cfg(tmp_path, tmp_path / "s", tmp_path / "p", 64, args, 0)
+    listed = mods.prefs.spa_cfg(
+        tmp_path, tmp_path / "s", tmp_path / "pl", 64, args, 0, "spa_listed"
+    )
+    # the two SPA arms differ in their work folders and prompts file only
+    assert listed["prefalign"]["spa"]["prompts"][0]["path"].endswith("/pl")
+    for key in ("output_dir", "dataset_prepared_path"):
+        assert listed[key] == cfg[key].replace("/spa", "/spa_listed")
+        listed[key] = cfg[key]
+    listed["prefalign"]["spa"]["prompts"][0]["path"] = str(tmp_path / "p")
+    assert listed == cfg
     spa = cfg["prefalign"]["spa"]
     assert spa["gold_checker"] == "choice"
     assert spa["prompts"][0]["gold_field"] == "gold"
@@ -559,8 +569,69 @@ def test_spa_gold_reports_are_copied_and_tabled(mods, tmp_path):
     }
     result["settings"] |= {"epochs": 3, "quick": False}
     md = mods.prefs.table(result)
-    assert "| 0 | 1 | 4 | 75.0% | 50.0% | 100.0% | 25.0% | 50.0% |" in md
+    assert "| spa | 0 | 1 | 4 | 75.0% | 50.0% | 100.0% | 25.0% | 50.0% |" in md
     assert "| 0 | sft_chosen | not run | not run |" in md
+    assert "**pooled" not in md  # one seed: nothing to pool
+
+
+def _gold_report(one, correct, dnd, plain):
+    """A loop gold report's counts: (flagged, wrong, flagged_wrong) per flag kind."""
+
+    def flags(t):
+        return dict(zip(("flagged", "wrong", "flagged_wrong"), t, strict=True))
+
+    return {
+        "pairs": 32,
+        "exactly_one": one,
+        "self_labels": {"pairs": one, "correct": correct},
+        "noise_flags": {"with_dnd": flags(dnd), "without_dnd": flags(plain)},
+    }
+
+
+def test_spa_gold_table_pools_the_seeds_counts(mods):
+    """The pooled row is the rate of the summed counts (4 of 10 right = 40%), not
+    the mean of the seeds' rates (1/1 and 3/9: 66.7%); one row per SPA arm."""
+    reps = {
+        "0": _gold_report(1, 1, (1, 0, 0), (0, 0, 0)),
+        "1": _gold_report(9, 3, (3, 6, 2), (4, 6, 4)),
+    }
+    result = {
+        "status": "complete",
+        "settings": {"seeds": [0, 1], "n_pool": 400, "seed_size": 20, "n_test": 150},
+        "runs": {
+            seed: {
+                "arms": {
+                    "spa_listed": {
+                        "preference_accuracy": 0.6,
+                        "task_accuracy": 0.5,
+                        "gold_reports": {"1": {"summary": {}, "report": r}},
+                    }
+                }
+            }
+            for seed, r in reps.items()
+        },
+    }
+    result["settings"] |= {"epochs": 3, "quick": False}
+    md = mods.prefs.table(result)
+    # exactly one 10, self-labels 4/10, DND 2/4 flagged / 2/6 wrong, plain 4/4, 4/6
+    want = "| spa_listed | **pooled (2 seeds)** | 1 | 10 | 40.0% | 50.0% | 33.3% "
+    assert want + "| 100.0% | 66.7% |" in md
+    assert "| spa | 0 | " not in md  # no gold rows of the spa arm here
+
+
+def test_spa_listed_prompts_letter_the_options_for_the_checker(mods):
+    from axolotl_prefalign.spa.gold import named_option
+
+    options = ["ocean tides", "carbon cycle", "wind"]
+    prompt = mods.prefs.listed_prompt("Which cycle moves carbon?", options)
+    assert prompt == (
+        "Which cycle moves carbon?\nA. ocean tides\nB. carbon cycle\nC. wind\nAnswer:"
+    )
+    # samples the listing invites are read by the loop's `choice` checker
+    assert named_option("B. carbon cycle", options) == "B"
+    assert named_option("B", options) == "B"
+    assert named_option("The carbon cycle.", options) == "B"
+    assert "spa_listed" in mods.prefs.SPA_ARMS and "spa_listed" in mods.prefs.ARMS
 
 
 def test_dpo_all_is_reused_across_seed_sizes_only(mods, tmp_path):

@@ -15,6 +15,10 @@ real commands:
   spa            `axolotl prefalign spa`: seed DPO + 2 self-annotation iterations,
                  with a gold checker (each prompt's correct option): per iteration
                  the self-label accuracy and the noise flags' precision / recall
+  spa_listed     the same, but each unlabelled prompt lists the lettered options
+                 ("A. ...", "Answer:"), so the samples name an option and the
+                 gold report covers most pairs (free answers to the question alone
+                 almost never name one); scored on the same question-only test
   dpo_all        DPO on every pool question's pair (upper bound)
 
 Metrics on the test set: preference accuracy (the implicit reward
@@ -39,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-ARMS = ["dpo_seed", "sft_chosen", "contrast_seed", "spa", "dpo_all"]
+ARMS = ["dpo_seed", "sft_chosen", "contrast_seed", "spa", "spa_listed", "dpo_all"]
+# the SPA arms: the name is the work folder; spa_listed's prompts list the options
+SPA_ARMS = ("spa", "spa_listed")
 # the base model, scored with the chat template / with the contrast inference prompt
 BASELINES = ["untrained", "untrained_contrast"]
 # arms scored with the contrast format's inference prompt ("...Positive answer:")
@@ -114,10 +120,18 @@ def dpo_cfg(work: Path, name: str, data: Path, args: Any, seed: int) -> dict:
     return cfg
 
 
-def spa_cfg(work: Path, seed_path: Path, prompts: Path, n_prompts: int, args, seed):
+def spa_cfg(
+    work: Path,
+    seed_path: Path,
+    prompts: Path,
+    n_prompts: int,
+    args: Any,
+    seed: int,
+    arm: str = "spa",
+) -> dict:
     """`axolotl prefalign spa`: seed DPO, then 2 self-annotation iterations; the
     prompts' correct options make the loop write iter_<i>/gold_report.json."""
-    cfg = dpo_cfg(work, "spa", seed_path, args, seed)
+    cfg = dpo_cfg(work, arm, seed_path, args, seed)
     per_iter = n_prompts // 2
     cfg["prefalign"] = {
         "loss": "spa",
@@ -229,6 +243,12 @@ def evaluate(arm: str, model_dir: Path | None, merged: bool, test: list[dict]) -
     return {"preference_accuracy": pref_acc, "task_accuracy": task / len(test)}
 
 
+def listed_prompt(question: str, options: list[str]) -> str:
+    """The question with its lettered options, as spa_listed's prompts ask it."""
+    lines = [f"{'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[k]}. {o}" for k, o in enumerate(options)]
+    return "\n".join([question, *lines, "Answer:"])
+
+
 def pair_row(p: dict) -> dict:
     """A pair as the training formats read it (prompt, chosen, rejected)."""
     return {k: p[k] for k in ("prompt", "chosen", "rejected")}
@@ -307,6 +327,17 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
             for p in unlabelled
         ],
     )
+    common.write_jsonl(
+        d / "prompts_listed.jsonl",
+        [
+            {
+                "prompt": listed_prompt(p["prompt"], p["options"]),
+                "gold": prompt_gold(p),
+                "options": p["options"],
+            }
+            for p in unlabelled
+        ],
+    )
     common.write_jsonl(d / "test.jsonl", test)
     record.update(n_seed=len(seed_pairs), n_unlabelled=len(unlabelled))
     ax = common.axolotl_bin()
@@ -330,7 +361,7 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
             print(f"seed {seed} {arm}: {acc:.1%} ({shared['note']})")
             args.save()
             continue
-        if arm == "spa" and args.spa_gold_problem:
+        if arm in SPA_ARMS and args.spa_gold_problem:
             msg = f"needs a setting not in this checkout: {args.spa_gold_problem}"
             record["arms"][arm] = {"skipped": msg}
             print(f"seed {seed} {arm}: SKIPPED, {msg}", flush=True)
@@ -353,17 +384,19 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
             entry = evaluate(arm, work / arm, False, test)
         else:
             n = min(len(unlabelled), args.spa_prompts)
-            y = common.write_yaml(
-                work / "spa.yml",
-                spa_cfg(work, d / "seed.jsonl", d / "prompts.jsonl", n, args, seed),
+            prompts = d / (
+                "prompts_listed.jsonl" if arm == "spa_listed" else "prompts.jsonl"
             )
-            secs = common.run_cmd([ax, "prefalign", "spa", str(y)], work / "spa.log")
+            cfg = spa_cfg(work, d / "seed.jsonl", prompts, n, args, seed, arm)
+            y = common.write_yaml(work / f"{arm}.yml", cfg)
+            cmd = [ax, "prefalign", "spa", str(y)]
+            secs = common.run_cmd(cmd, work / f"{arm}.log")
             t1 = time.time()
-            entry = evaluate(arm, work / "spa" / "iter_2" / "merged", True, test)
-            summary = work / "spa" / "spa_summary.json"
+            entry = evaluate(arm, work / arm / "iter_2" / "merged", True, test)
+            summary = work / arm / "spa_summary.json"
             if summary.exists():
                 entry["spa_summary"] = json.loads(summary.read_text())
-            entry["gold_reports"] = gold_reports(work / "spa")
+            entry["gold_reports"] = gold_reports(work / arm)
         entry["train_s"] = round(secs, 1)
         entry["eval_s"] = round(time.time() - t1, 1)
         entry["wall_s"] = round(time.time() - t0, 1)
@@ -404,38 +437,63 @@ GOLD_COLUMNS = [
 ]
 
 
+def _pooled(reports: list[dict]) -> dict[str, Any]:
+    """Summed counts of several gold reports (one arm and iteration, all seeds)
+    and the rates of the sums: self-label accuracy, flag precision / recall."""
+    one = sum(r.get("exactly_one", 0) for r in reports)
+    right = sum(r.get("self_labels", {}).get("correct", 0) for r in reports)
+    out: dict[str, Any] = {
+        "exactly_one": one,
+        "self_label_accuracy": right / one if one else None,
+    }
+    for kind, tag in (("with_dnd", "dnd"), ("without_dnd", "plain")):
+        flags = [
+            f
+            for r in reports
+            if (f := (r.get("noise_flags") or {}).get(kind)) is not None
+        ]
+        hits = sum(f["flagged_wrong"] for f in flags)
+        flagged = sum(f["flagged"] for f in flags)
+        wrong = sum(f["wrong"] for f in flags)
+        out[f"flag_precision_{tag}"] = hits / flagged if flagged else None
+        out[f"flag_recall_{tag}"] = hits / wrong if wrong else None
+    return out
+
+
 def gold_table(result: dict) -> list[str]:
-    """The SPA arm's gold report per seed and iteration, and the mean over seeds."""
+    """The SPA arms' gold reports per seed and iteration, and pooled over seeds."""
     rows = []
     for seed, rec in result["runs"].items():
-        for it, g in ((rec["arms"].get("spa") or {}).get("gold_reports") or {}).items():
-            rows.append((seed, it, g.get("summary") or {}))
+        for arm in SPA_ARMS:
+            reports = (rec["arms"].get(arm) or {}).get("gold_reports") or {}
+            for it, g in reports.items():
+                rows.append((arm, seed, it, g.get("summary") or {}, g.get("report")))
     if not rows:
         return []
     lines = [
         "",
         "SPA's self-labels and noise flags against the correct options (the loop's "
         "iter_<i>/gold_report.json; flags = c = 0, on the pairs with exactly one "
-        "right sample):\n",
-        "| seed | iteration | " + " | ".join(t for _, t in GOLD_COLUMNS) + " |",
-        "|---" * (len(GOLD_COLUMNS) + 2) + "|",
+        "right sample; pooled = the rates of the seeds' summed counts):\n",
+        "| arm | seed | iteration | " + " | ".join(t for _, t in GOLD_COLUMNS) + " |",
+        "|---" * (len(GOLD_COLUMNS) + 3) + "|",
     ]
-    for seed, it, s in rows:
-        cells = [
+
+    def cells(s: dict) -> str:
+        return " | ".join(
             str(s.get(k, "–")) if k == "exactly_one" else _pct(s.get(k))
             for k, _ in GOLD_COLUMNS
-        ]
-        lines.append(f"| {seed} | {it} | " + " | ".join(cells) + " |")
-    if len(result["runs"]) > 1:
-        for it in sorted({it for _, it, _ in rows}):
-            cells = []
-            for k, _ in GOLD_COLUMNS:
-                vals = [s[k] for _, i, s in rows if i == it and s.get(k) is not None]
-                if k == "exactly_one":
-                    cells.append(f"{sum(vals) / len(vals):.1f}" if vals else "–")
-                else:
-                    cells.append(common.fmt_mean_sd(vals) if vals else "–")
-            lines.append(f"| **mean ± sd** | {it} | " + " | ".join(cells) + " |")
+        )
+
+    for arm, seed, it, s, _ in rows:
+        lines.append(f"| {arm} | {seed} | {it} | {cells(s)} |")
+    for arm in SPA_ARMS:
+        for it in sorted({i for a, _, i, _, _ in rows if a == arm}):
+            reps = [r for a, _, i, _, r in rows if a == arm and i == it and r]
+            if len(reps) > 1:
+                pooled = _pooled(reps)
+                tag = f"**pooled ({len(reps)} seeds)**"
+                lines.append(f"| {arm} | {tag} | {it} | {cells(pooled)} |")
     return lines
 
 
@@ -604,7 +662,9 @@ def main() -> None:
 
 def run_experiment(args: argparse.Namespace, name: str) -> None:
     """Every seed of one seed size (resuming a result of the same settings)."""
-    args.spa_gold_problem = spa_gold_problem(args) if "spa" in args.arms else None
+    args.spa_gold_problem = (
+        spa_gold_problem(args) if set(SPA_ARMS) & set(args.arms) else None
+    )
     result: dict[str, Any] = {
         "experiment": "preferences_little_data",
         "status": "partial (in progress or interrupted)",
