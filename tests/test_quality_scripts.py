@@ -614,8 +614,8 @@ def test_spa_gold_table_pools_the_seeds_counts(mods):
     result["settings"] |= {"epochs": 3, "quick": False}
     md = mods.prefs.table(result)
     # exactly one 10, self-labels 4/10, DND 2/4 flagged / 2/6 wrong, plain 4/4, 4/6
-    want = "| spa_listed | **pooled (2 seeds)** | 1 | 10 | 40.0% | 50.0% | 33.3% "
-    assert want + "| 100.0% | 66.7% |" in md
+    want = "| spa_listed | **pooled (2 seeds)** | 1 | 10 | 40.0% (4/10) | 50.0% (2/4) "
+    assert want + "| 33.3% (2/6) | 100.0% (4/4) | 66.7% (4/6) |" in md
     assert "| spa | 0 | " not in md  # no gold rows of the spa arm here
 
 

@@ -439,12 +439,14 @@ GOLD_COLUMNS = [
 
 def _pooled(reports: list[dict]) -> dict[str, Any]:
     """Summed counts of several gold reports (one arm and iteration, all seeds)
-    and the rates of the sums: self-label accuracy, flag precision / recall."""
+    and the rates of the sums: self-label accuracy, flag precision / recall, with
+    each rate's (numerator, denominator) under `counts`."""
     one = sum(r.get("exactly_one", 0) for r in reports)
     right = sum(r.get("self_labels", {}).get("correct", 0) for r in reports)
     out: dict[str, Any] = {
         "exactly_one": one,
         "self_label_accuracy": right / one if one else None,
+        "counts": {"self_label_accuracy": (right, one)},
     }
     for kind, tag in (("with_dnd", "dnd"), ("without_dnd", "plain")):
         flags = [
@@ -457,6 +459,8 @@ def _pooled(reports: list[dict]) -> dict[str, Any]:
         wrong = sum(f["wrong"] for f in flags)
         out[f"flag_precision_{tag}"] = hits / flagged if flagged else None
         out[f"flag_recall_{tag}"] = hits / wrong if wrong else None
+        out["counts"][f"flag_precision_{tag}"] = (hits, flagged)
+        out["counts"][f"flag_recall_{tag}"] = (hits, wrong)
     return out
 
 
@@ -480,10 +484,16 @@ def gold_table(result: dict) -> list[str]:
     ]
 
     def cells(s: dict) -> str:
-        return " | ".join(
-            str(s.get(k, "–")) if k == "exactly_one" else _pct(s.get(k))
-            for k, _ in GOLD_COLUMNS
-        )
+        out = []
+        for k, _ in GOLD_COLUMNS:
+            if k == "exactly_one":
+                out.append(str(s.get(k, "–")))
+                continue
+            cell = _pct(s.get(k))
+            if k in s.get("counts", {}):  # pooled: the sums behind the rate
+                cell += " ({}/{})".format(*s["counts"][k])
+            out.append(cell)
+        return " | ".join(out)
 
     for arm, seed, it, s, _ in rows:
         lines.append(f"| {arm} | {seed} | {it} | {cells(s)} |")
