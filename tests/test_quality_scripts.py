@@ -709,16 +709,6 @@ def test_spa_gold_posthoc_reproduces_the_loop_and_counts_contains(tmp_path):
         posthoc = importlib.import_module("spa_gold_posthoc")
     finally:
         sys.path.remove(str(QUALITY))
-    from axolotl_prefalign.core.shards import ShardWriter
-
-    options = ["heat capacity", "density", "mass", "volume"]
-    prompts = [
-        {"prompt": f"Q{k}?", "gold": "heat capacity", "options": options}
-        for k in range(3)
-    ]
-    (tmp_path / "data").mkdir()
-    text = "\n".join(json.dumps(p) for p in prompts) + "\n"
-    (tmp_path / "data" / "prompts.jsonl").write_text(text)
     pairs = [  # (chosen, rejected)
         ("It is heat capacity.", "Something else entirely."),  # contains: one right
         (
@@ -727,14 +717,7 @@ def test_spa_gold_posthoc_reproduces_the_loop_and_counts_contains(tmp_path):
         ),  # one right, chosen wrong
         ("It is density, not mass.", "Answer: C"),  # choice: unknown (two) vs wrong
     ]
-    d = tmp_path / "spa" / "iter_1"
-    writer = ShardWriter(d / "pairs", {"iteration": 1})
-    rows = [
-        {"prompt": f"Q{k}?", "chosen": c, "rejected": r, "index": k}
-        for k, (c, r) in enumerate(pairs)
-    ]
-    writer.write(rows, [r["index"] for r in rows])
-    writer.finish({"iteration": 1})
+    d = _posthoc_seed(tmp_path, pairs)
     loop = {"checker": "choice", "pairs": 3, "exactly_one": 0, "both": 0}
     loop.update(neither=0, unknown=3)
     (d / "gold_report.json").write_text(json.dumps(loop))
@@ -753,8 +736,9 @@ def test_spa_gold_posthoc_reproduces_the_loop_and_counts_contains(tmp_path):
     assert "matches_loop_report" not in contains  # the loop ran choice only
 
 
-def _posthoc_seed(root, pairs, flags):
-    """One seed folder for spa_gold_posthoc: prompts, iteration-1 pairs, flags."""
+def _posthoc_seed(root, pairs, flags=None):
+    """One seed folder for spa_gold_posthoc: prompts, iteration-1 pairs and (when
+    given) noise flags; returns the iteration's folder."""
     from axolotl_prefalign.core.shards import ShardWriter
 
     options = ["heat capacity", "density", "mass", "volume"]
@@ -778,9 +762,11 @@ def _posthoc_seed(root, pairs, flags):
             {"pair_id": k, "confident_plain": plain, "confident_dnd": dnd}
             | {"dnd_lambda": 0.5}
         )
-        for k, (plain, dnd) in flags.items()
+        for k, (plain, dnd) in (flags or {}).items()
     ]
-    (d / "spa_flags.jsonl").write_text("\n".join(lines) + "\n")
+    if lines:
+        (d / "spa_flags.jsonl").write_text("\n".join(lines) + "\n")
+    return d
 
 
 def test_spa_gold_posthoc_pools_counts_over_seeds(tmp_path):
