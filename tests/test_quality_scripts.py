@@ -32,6 +32,7 @@ def mods():
             noise=importlib.import_module("robustft_noise"),
             prefs=importlib.import_module("preferences_little_data"),
             mc=importlib.import_module("robustft_mc"),
+            posthoc=importlib.import_module("spa_gold_posthoc"),
         )
     finally:
         sys.path.remove(str(QUALITY))
@@ -578,7 +579,9 @@ def _gold_report(one, correct, dnd, plain):
     """A loop gold report's counts: (flagged, wrong, flagged_wrong) per flag kind."""
 
     def flags(t):
-        return dict(zip(("flagged", "wrong", "flagged_wrong"), t, strict=True))
+        return {"pairs": one} | dict(
+            zip(("flagged", "wrong", "flagged_wrong"), t, strict=True)
+        )
 
     return {
         "pairs": 32,
@@ -701,14 +704,10 @@ def test_mc_expert_accuracy_comes_from_the_denoise_report(mods):
     assert mods.mc.expert_accuracy({}) is None
 
 
-def test_spa_gold_posthoc_reproduces_the_loop_and_counts_contains(tmp_path):
+def test_spa_gold_posthoc_reproduces_the_loop_and_counts_contains(mods, tmp_path):
     """choice: a free answer naming no option is unknown; contains: it is right
     when the correct option's text is in it, wrong otherwise."""
-    sys.path.insert(0, str(QUALITY))
-    try:
-        posthoc = importlib.import_module("spa_gold_posthoc")
-    finally:
-        sys.path.remove(str(QUALITY))
+    posthoc = mods.posthoc
     pairs = [  # (chosen, rejected)
         ("It is heat capacity.", "Something else entirely."),  # contains: one right
         (
@@ -769,14 +768,10 @@ def _posthoc_seed(root, pairs, flags=None):
     return d
 
 
-def test_spa_gold_posthoc_pools_counts_over_seeds(tmp_path):
+def test_spa_gold_posthoc_pools_counts_over_seeds(mods, tmp_path):
     """Pooled self-label accuracy and flag precision / recall are ratios of the
     summed counts, not means of the seeds' percentages."""
-    sys.path.insert(0, str(QUALITY))
-    try:
-        posthoc = importlib.import_module("spa_gold_posthoc")
-    finally:
-        sys.path.remove(str(QUALITY))
+    posthoc = mods.posthoc
     right, wrong, other = "It is heat capacity.", "It is density.", "No idea."
     # seed a: 1 exactly-one pair, self-label right, flagged by plain only
     _posthoc_seed(tmp_path / "a", [(right, wrong), (other, wrong)], {0: (False, True)})
@@ -788,21 +783,21 @@ def test_spa_gold_posthoc_pools_counts_over_seeds(tmp_path):
         s: posthoc.reports(tmp_path / s, ["contains"], iterations=1) for s in "ab"
     }
     got = posthoc.pool(per_seed)["contains"]["1"]
-    assert (got["seeds"], got["pairs"], got["exactly_one"], got["neither"]) == (
+    assert (got["runs"], got["pairs"], got["exactly_one"], got["neither"]) == (
         2,
         6,
         4,
         2,
     )
     # 2 right of 4 pooled = 50%; the mean of the seeds' 100% and 33.3% is 66.7%
-    assert got["self_labels"] == {"pairs": 4, "correct": 2, "accuracy": 0.5}
+    assert got["self_labels"] == {"pairs": 4, "correct": 2, "wrong": 2, "accuracy": 0.5}
     # wrong labels: b0, b1. Plain flags (c = 0): a0, b0 -> hits b0: 1/2, 1/2
-    plain = got["without_dnd"]
-    assert (plain["flagged"], plain["wrong"], plain["hits"]) == (2, 2, 1)
+    plain = got["noise_flags"]["without_dnd"]
+    assert (plain["flagged"], plain["wrong"], plain["flagged_wrong"]) == (2, 2, 1)
     assert (plain["precision"], plain["recall"]) == (0.5, 0.5)
     # DND flags: b0, b1 -> both wrong: 2/2, 2/2
-    dnd = got["with_dnd"]
-    assert (dnd["flagged"], dnd["hits"], dnd["precision"], dnd["recall"]) == (
+    dnd = got["noise_flags"]["with_dnd"]
+    assert (dnd["flagged"], dnd["flagged_wrong"], dnd["precision"], dnd["recall"]) == (
         2,
         2,
         1.0,

@@ -26,7 +26,10 @@ from axolotl_prefalign.spa.gold import (
     answer_is_right,
     flag_scores,
     gold_report,
+    gold_summary,
     named_option,
+    pool_reports,
+    rate_counts,
     read_flags,
     resolve_gold,
 )
@@ -268,6 +271,36 @@ def test_flag_precision_and_recall_on_the_exactly_one_pairs():
         "recall": None,
         "flagged_fraction": None,
     }
+
+
+def test_pooled_reports_are_the_report_of_all_their_pairs():
+    """Pooling two runs' reports gives the report of the two runs' pairs taken
+    together: rates of the summed counts, not means of the runs' rates; a kind of
+    flag one run did not record counts the other's alone."""
+    prompts, pairs = _prompts_and_pairs()
+    flags = {k: _flag(k, k % 3 == 0, k % 2 == 0) for k in range(10)}
+    a = gold_report(prompts[:4], pairs[:4], "choice", {k: flags[k] for k in range(4)})
+    no_dnd = {k: _flag(k, None, k % 2 == 0, lam=0.0) for k in range(4, 10)}
+    b = gold_report(prompts[4:], pairs[4:], "choice", no_dnd)
+    pooled = pool_reports([a, b])
+    both = gold_report(
+        prompts, pairs, "choice", {**{k: flags[k] for k in range(4)}, **no_dnd}
+    )
+    assert pooled["runs"] == 2
+    for key in ("pairs", "exactly_one", "both", "neither", "unknown", "self_labels"):
+        assert pooled[key] == both[key], key
+    assert pooled["noise_flags"]["without_dnd"] == both["noise_flags"]["without_dnd"]
+    # DND only in run a: its flags alone, not diluted by b's pairs
+    assert pooled["noise_flags"]["with_dnd"] == a["noise_flags"]["with_dnd"]
+    assert a["self_labels"]["accuracy"] != b["self_labels"]["accuracy"]
+    summary = gold_summary(pooled)
+    assert summary["self_label_accuracy"] == both["self_labels"]["accuracy"]
+    counts = rate_counts(pooled)
+    labels = both["self_labels"]
+    assert counts["self_label_accuracy"] == (labels["correct"], labels["pairs"])
+    plain = both["noise_flags"]["without_dnd"]
+    assert counts["flag_recall_plain"] == (plain["flagged_wrong"], plain["wrong"])
+    assert pool_reports([b])["noise_flags"]["with_dnd"] is None
 
 
 def test_without_dnd_in_the_stage_only_the_plain_flags_are_reported():

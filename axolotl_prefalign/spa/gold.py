@@ -199,20 +199,23 @@ def _rate(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def _flag_rates(pairs: int, flagged: int, wrong: int, hits: int) -> dict[str, Any]:
+    return {
+        "pairs": pairs,
+        "flagged": flagged,
+        "wrong": wrong,
+        "flagged_wrong": hits,
+        "precision": _rate(hits, flagged),
+        "recall": _rate(hits, wrong),
+        "flagged_fraction": _rate(flagged, pairs),
+    }
+
+
 def flag_scores(flagged: Sequence[bool], wrong: Sequence[bool]) -> dict[str, Any]:
     """Precision (flagged pairs whose label is wrong / flagged) and recall (wrong
     labels flagged / wrong labels) of noise flags, with the counts."""
     hits = sum(f and w for f, w in zip(flagged, wrong, strict=True))
-    n_flagged, n_wrong = sum(flagged), sum(wrong)
-    return {
-        "pairs": len(flagged),
-        "flagged": n_flagged,
-        "wrong": n_wrong,
-        "flagged_wrong": hits,
-        "precision": _rate(hits, n_flagged),
-        "recall": _rate(hits, n_wrong),
-        "flagged_fraction": _rate(n_flagged, len(flagged)),
-    }
+    return _flag_rates(len(flagged), sum(flagged), sum(wrong), hits)
 
 
 def gold_report(
@@ -329,3 +332,49 @@ def gold_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "flag_precision_plain": score("without_dnd", "precision"),
         "flag_recall_plain": score("without_dnd", "recall"),
     }
+
+
+# the pair counts of a report, summed by `pool_reports`
+REPORT_COUNTS = ("pairs", "exactly_one", "both", "neither", "unknown")
+_FLAG_COUNTS = ("pairs", "flagged", "wrong", "flagged_wrong")
+
+
+def pool_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several runs' reports of one iteration (seeds, say) as one report: summed
+    counts and the rates of the sums. A run has few exactly-one pairs, so a mean of
+    per-run rates would weigh a run of 1 pair like one of 10.
+
+    Each report needs the `REPORT_COUNTS` it has (a missing one counts 0),
+    `self_labels` (`pairs`, `correct`) and `noise_flags` (`with_dnd` /
+    `without_dnd`: `pairs`, `flagged`, `wrong`, `flagged_wrong`, or None). A kind
+    of flag none of the reports recorded stays None."""
+    pairs = sum(r["self_labels"]["pairs"] for r in reports)
+    correct = sum(r["self_labels"]["correct"] for r in reports)
+    flags: dict[str, Any] = {}
+    for kind in ("with_dnd", "without_dnd"):
+        got = [f for r in reports if (f := (r.get("noise_flags") or {}).get(kind))]
+        sums = [sum(f[k] for f in got) for k in _FLAG_COUNTS]
+        flags[kind] = _flag_rates(*sums) if got else None
+    return {
+        "runs": len(reports),
+        **{k: sum(r.get(k, 0) for r in reports) for k in REPORT_COUNTS},
+        "self_labels": {
+            "pairs": pairs,
+            "correct": correct,
+            "wrong": pairs - correct,
+            "accuracy": _rate(correct, pairs),
+        },
+        "noise_flags": flags,
+    }
+
+
+def rate_counts(report: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """The (numerator, denominator) behind each rate of `gold_summary(report)`."""
+    labels = report["self_labels"]
+    out = {"self_label_accuracy": (labels["correct"], labels["pairs"])}
+    for kind, tag in (("with_dnd", "dnd"), ("without_dnd", "plain")):
+        f = report["noise_flags"].get(kind)
+        if f is not None:
+            out[f"flag_precision_{tag}"] = (f["flagged_wrong"], f["flagged"])
+            out[f"flag_recall_{tag}"] = (f["flagged_wrong"], f["wrong"])
+    return out

@@ -438,30 +438,12 @@ GOLD_COLUMNS = [
 
 
 def _pooled(reports: list[dict]) -> dict[str, Any]:
-    """Summed counts of several gold reports (one arm and iteration, all seeds)
-    and the rates of the sums: self-label accuracy, flag precision / recall, with
-    each rate's (numerator, denominator) under `counts`."""
-    one = sum(r.get("exactly_one", 0) for r in reports)
-    right = sum(r.get("self_labels", {}).get("correct", 0) for r in reports)
-    out: dict[str, Any] = {
-        "exactly_one": one,
-        "self_label_accuracy": right / one if one else None,
-        "counts": {"self_label_accuracy": (right, one)},
-    }
-    for kind, tag in (("with_dnd", "dnd"), ("without_dnd", "plain")):
-        flags = [
-            f
-            for r in reports
-            if (f := (r.get("noise_flags") or {}).get(kind)) is not None
-        ]
-        hits = sum(f["flagged_wrong"] for f in flags)
-        flagged = sum(f["flagged"] for f in flags)
-        wrong = sum(f["wrong"] for f in flags)
-        out[f"flag_precision_{tag}"] = hits / flagged if flagged else None
-        out[f"flag_recall_{tag}"] = hits / wrong if wrong else None
-        out["counts"][f"flag_precision_{tag}"] = (hits, flagged)
-        out["counts"][f"flag_recall_{tag}"] = (hits, wrong)
-    return out
+    """The gold summary of several seeds' reports (one arm and iteration): rates of
+    the summed counts, each rate's (numerator, denominator) under `counts`."""
+    from axolotl_prefalign.spa.gold import gold_summary, pool_reports, rate_counts
+
+    pooled = pool_reports(reports)
+    return {**gold_summary(pooled), "counts": rate_counts(pooled)}
 
 
 def gold_table(result: dict) -> list[str]:

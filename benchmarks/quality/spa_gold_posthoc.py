@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-COUNTS = ("pairs", "exactly_one", "both", "neither", "unknown")
+from axolotl_prefalign.spa.gold import REPORT_COUNTS as COUNTS
 
 
 def reports(work: Path, checkers: list[str], iterations: int = 2) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def reports(work: Path, checkers: list[str], iterations: int = 2) -> dict[str, A
             rep = gold_report(rows, read_shards(d / "pairs"), checker, flags, i)
             entry = {k: rep[k] for k in COUNTS}
             entry["self_labels"] = rep["self_labels"]
-            entry["flags"] = {
+            entry["noise_flags"] = {
                 k: rep["noise_flags"].get(k) for k in ("with_dnd", "without_dnd")
             }
             entry["summary"] = gold_summary(rep)
@@ -74,43 +74,20 @@ def reports(work: Path, checkers: list[str], iterations: int = 2) -> dict[str, A
     return out
 
 
-def _ratio(num: int, den: int) -> float | None:
-    return num / den if den else None
-
-
 def pool(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """{checker: {iteration: summed counts and their ratios}} over the seeds'
-    `reports` results ({seed folder: result})."""
-    out: dict[str, Any] = {}
+    """{checker: {iteration: the seeds' reports pooled}} (`spa.gold.pool_reports`:
+    summed counts, rates of the sums) over `reports` results ({folder: result})."""
+    from axolotl_prefalign.spa.gold import pool_reports
+
+    grouped: dict[str, dict[str, list]] = {}
     for result in per_seed.values():
         for checker, its in result.items():
-            for i, e in its.items():
-                acc = out.setdefault(checker, {}).setdefault(
-                    i, {"seeds": 0, **dict.fromkeys(COUNTS, 0)}
-                )
-                acc["seeds"] += 1
-                for k in COUNTS:
-                    acc[k] += e[k]
-                labels = acc.setdefault("self_labels", {"pairs": 0, "correct": 0})
-                labels["pairs"] += e["self_labels"]["pairs"]
-                labels["correct"] += e["self_labels"]["correct"]
-                for kind, f in e["flags"].items():
-                    if f is None:  # none recorded, DND off, or no pairs
-                        continue
-                    a = acc.setdefault(kind, {"flagged": 0, "wrong": 0, "hits": 0})
-                    a["flagged"] += f["flagged"]
-                    a["wrong"] += f["wrong"]
-                    a["hits"] += f["flagged_wrong"]
-    for its in out.values():
-        for acc in its.values():
-            labels = acc["self_labels"]
-            labels["accuracy"] = _ratio(labels["correct"], labels["pairs"])
-            for kind in ("with_dnd", "without_dnd"):
-                if kind in acc:
-                    a = acc[kind]
-                    a["precision"] = _ratio(a["hits"], a["flagged"])
-                    a["recall"] = _ratio(a["hits"], a["wrong"])
-    return out
+            for i, entry in its.items():
+                grouped.setdefault(checker, {}).setdefault(i, []).append(entry)
+    return {
+        checker: {i: pool_reports(entries) for i, entries in its.items()}
+        for checker, its in grouped.items()
+    }
 
 
 def _pct(v: float | None) -> str:
@@ -129,15 +106,16 @@ def pooled_table(pooled: dict[str, Any]) -> list[str]:
             sl = a["self_labels"]
             flags = []
             for kind in ("with_dnd", "without_dnd"):
-                f = a.get(kind)
+                f = a["noise_flags"][kind]
                 flags.append(
                     "–"
                     if f is None
-                    else f"{f['hits']}/{f['flagged']} = {_pct(f['precision'])} / "
-                    f"{f['hits']}/{f['wrong']} = {_pct(f['recall'])}"
+                    else f"{f['flagged_wrong']}/{f['flagged']} = "
+                    f"{_pct(f['precision'])} / "
+                    f"{f['flagged_wrong']}/{f['wrong']} = {_pct(f['recall'])}"
                 )
             lines.append(
-                f"| {checker} | {i} | {a['seeds']} | {a['pairs']} | {a['exactly_one']} "
+                f"| {checker} | {i} | {a['runs']} | {a['pairs']} | {a['exactly_one']} "
                 f"| {sl['correct']}/{sl['pairs']} = {_pct(sl['accuracy'])} "
                 f"| {flags[0]} | {flags[1]} |"
             )
