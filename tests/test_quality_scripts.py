@@ -806,3 +806,28 @@ def test_spa_gold_posthoc_pools_counts_over_seeds(mods, tmp_path):
     lines = posthoc.pooled_table(posthoc.pool(per_seed))
     want = "| contains | 1 | 2 | 6 | 4 | 2/4 = 50.0% | 2/2 = 100.0% / 2/2 = 100.0% |"
     assert want in lines[2]
+
+
+def test_spa_gold_posthoc_merges_an_earlier_result_whose_folders_are_gone(
+    mods, tmp_path
+):
+    """--merge pools an earlier JSON's entries with new folders' reports exactly as
+    if all folders had been given; a broken or short JSON names the file."""
+    posthoc = mods.posthoc
+    right, wrong = "It is heat capacity.", "It is density."
+    _posthoc_seed(tmp_path / "a", [(right, wrong)], {0: (False, True)})
+    _posthoc_seed(tmp_path / "b", [(wrong, right), (right, wrong)], {1: (True, False)})
+    a = posthoc.reports(tmp_path / "a", ["contains"], iterations=1)
+    b = posthoc.reports(tmp_path / "b", ["contains"], iterations=1)
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"per_seed": {"a": a}, "pooled": {}}))
+    got = posthoc.merged(earlier, {"b": b}, ["contains"])
+    assert got == {"a": a, "b": b}
+    assert posthoc.pool(got) == posthoc.pool({"a": a, "b": b})
+    assert posthoc.pool(got)["contains"]["1"]["self_labels"]["correct"] == 2
+    assert posthoc.merged(None, {"b": b}, ["contains"]) == {"b": b}
+    with pytest.raises(SystemExit, match="a has no choice report"):
+        posthoc.merged(earlier, {"b": b}, ["contains", "choice"])
+    earlier.write_text("{not json")
+    with pytest.raises(SystemExit, match="earlier.json: not a spa_gold_posthoc result"):
+        posthoc.merged(earlier, {"b": b}, ["contains"])

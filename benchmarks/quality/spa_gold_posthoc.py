@@ -17,6 +17,10 @@ exactly-one pairs, so a mean of per-seed percentages would weigh 1 pair like 10.
         outputs/quality/preferences_little_data_seed20/seed0 --out /tmp/g.json
     python benchmarks/quality/spa_gold_posthoc.py \\
         outputs/quality/preferences_little_data_seed20/seed* --out /tmp/g.json
+    # add a new seed to an earlier result whose work folders are gone
+    python benchmarks/quality/spa_gold_posthoc.py \\
+        outputs/quality/preferences_little_data_seed20/seed2 \\
+        --merge docs/quality/spa_gold_posthoc.json --out /tmp/g.json
 """
 
 from __future__ import annotations
@@ -122,24 +126,59 @@ def pooled_table(pooled: dict[str, Any]) -> list[str]:
     return lines
 
 
+def merged(
+    earlier: Path | None, per_seed: dict[str, dict[str, Any]], checkers: list[str]
+) -> dict[str, dict[str, Any]]:
+    """`per_seed` over an earlier `--out` JSON's folders (whose work folders may be
+    gone): its entries are kept, a folder given again is recomputed. The earlier
+    result must hold every checker asked for."""
+    if earlier is None:
+        return per_seed
+    try:
+        old = json.loads(earlier.read_text())["per_seed"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{earlier}: not a spa_gold_posthoc result ({e})") from e
+    for folder, result in old.items():
+        missing = [c for c in checkers if c not in result]
+        if missing and folder not in per_seed:
+            raise SystemExit(
+                f"{earlier}: {folder} has no {', '.join(missing)} report; "
+                "rerun it from its work folder"
+            )
+    return {**old, **per_seed}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "work", type=Path, nargs="+", help="seed work folders (each has data/, spa/)"
+        "work", type=Path, nargs="*", help="seed work folders (each has data/, spa/)"
     )
     p.add_argument("--checkers", nargs="+", default=["choice", "contains"])
+    p.add_argument(
+        "--merge",
+        type=Path,
+        help="an earlier --out JSON: pool its folders' reports with these",
+    )
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     args = p.parse_args()
+    if not args.work and args.merge is None:
+        p.error("give seed work folders, --merge, or both")
     per_seed = {str(w): reports(w, args.checkers) for w in args.work}
+    per_seed = merged(args.merge, per_seed, args.checkers)
     head = " | ".join(COUNTS)
     print(f"| folder | checker | iteration | {head} | self-label accuracy |")
     print("|---" * (len(COUNTS) + 4) + "|")
     for work, result in per_seed.items():
         for checker, its in result.items():
+            if checker not in args.checkers:
+                continue
             for i, e in its.items():
                 cells = " | ".join(str(e[k]) for k in COUNTS)
                 shown = _pct(e["summary"].get("self_label_accuracy"))
                 print(f"| {work} | {checker} | {i} | {cells} | {shown} |")
+    per_seed = {
+        w: {c: r[c] for c in args.checkers if c in r} for w, r in per_seed.items()
+    }
     pooled = pool(per_seed)
     if len(per_seed) > 1:
         print("\nPooled over the folders:\n")
