@@ -130,8 +130,8 @@ def merged(
     earlier: Path | None, per_seed: dict[str, dict[str, Any]], checkers: list[str]
 ) -> dict[str, dict[str, Any]]:
     """`per_seed` over an earlier `--out` JSON's folders (whose work folders may be
-    gone): its entries are kept, a folder given again is recomputed. The earlier
-    result must hold every checker asked for."""
+    gone), each folder's reports for `checkers` only: its entries are kept, a folder
+    given again is recomputed. The earlier result must hold every checker asked for."""
     if earlier is None:
         return per_seed
     try:
@@ -145,7 +145,8 @@ def merged(
                 f"{earlier}: {folder} has no {', '.join(missing)} report; "
                 "rerun it from its work folder"
             )
-    return {**old, **per_seed}
+    every = {**old, **per_seed}
+    return {w: {c: every[w][c] for c in checkers} for w in every}
 
 
 def main() -> None:
@@ -170,15 +171,10 @@ def main() -> None:
     print("|---" * (len(COUNTS) + 4) + "|")
     for work, result in per_seed.items():
         for checker, its in result.items():
-            if checker not in args.checkers:
-                continue
             for i, e in its.items():
                 cells = " | ".join(str(e[k]) for k in COUNTS)
                 shown = _pct(e["summary"].get("self_label_accuracy"))
                 print(f"| {work} | {checker} | {i} | {cells} | {shown} |")
-    per_seed = {
-        w: {c: r[c] for c in args.checkers if c in r} for w, r in per_seed.items()
-    }
     pooled = pool(per_seed)
     if len(per_seed) > 1:
         print("\nPooled over the folders:\n")
