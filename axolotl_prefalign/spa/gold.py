@@ -32,6 +32,8 @@ from typing import Any
 CHECKERS = ("choice", "contains", "exact")
 FLAGS_FILE = "spa_flags.jsonl"
 REPORT_FILE = "gold_report.json"
+# the kinds of noise flag a report scores, each with its tag in `gold_summary`'s keys
+FLAG_KINDS = {"with_dnd": "dnd", "without_dnd": "plain"}
 
 _PUNCT = str.maketrans("", "", string.punctuation + "“”‘’«»…")
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
@@ -290,8 +292,7 @@ def noise_flag_report(
         return {
             "recorded": 0,
             "missing": len(one),
-            "with_dnd": None,
-            "without_dnd": None,
+            **dict.fromkeys(FLAG_KINDS),
             "note": "no flags recorded: the stage did not train with prefalign.loss: "
             "spa through the Axolotl trainer (LLaMA-Factory's batches carry no "
             "pair id)",
@@ -322,16 +323,16 @@ def gold_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     def score(kind: str, key: str) -> float | None:
         return (flags.get(kind) or {}).get(key)
 
-    return {
+    out = {
         "pairs": report["pairs"],
         "exactly_one": report["exactly_one"],
         "unknown": report["unknown"],
         "self_label_accuracy": report["self_labels"]["accuracy"],
-        "flag_precision_dnd": score("with_dnd", "precision"),
-        "flag_recall_dnd": score("with_dnd", "recall"),
-        "flag_precision_plain": score("without_dnd", "precision"),
-        "flag_recall_plain": score("without_dnd", "recall"),
     }
+    for kind, tag in FLAG_KINDS.items():
+        out[f"flag_precision_{tag}"] = score(kind, "precision")
+        out[f"flag_recall_{tag}"] = score(kind, "recall")
+    return out
 
 
 # the pair counts of a report, summed by `pool_reports`
@@ -351,7 +352,7 @@ def pool_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     pairs = sum(r["self_labels"]["pairs"] for r in reports)
     correct = sum(r["self_labels"]["correct"] for r in reports)
     flags: dict[str, Any] = {}
-    for kind in ("with_dnd", "without_dnd"):
+    for kind in FLAG_KINDS:
         got = [f for r in reports if (f := (r.get("noise_flags") or {}).get(kind))]
         sums = [sum(f[k] for f in got) for k in _FLAG_COUNTS]
         flags[kind] = _flag_rates(*sums) if got else None
@@ -372,7 +373,7 @@ def rate_counts(report: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     """The (numerator, denominator) behind each rate of `gold_summary(report)`."""
     labels = report["self_labels"]
     out = {"self_label_accuracy": (labels["correct"], labels["pairs"])}
-    for kind, tag in (("with_dnd", "dnd"), ("without_dnd", "plain")):
+    for kind, tag in FLAG_KINDS.items():
         f = report["noise_flags"].get(kind)
         if f is not None:
             out[f"flag_precision_{tag}"] = (f["flagged_wrong"], f["flagged"])

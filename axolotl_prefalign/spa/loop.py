@@ -677,7 +677,14 @@ def write_gold_report(
     """`iter_<i>/gold_report.json`: iteration i's pairs against its prompts' gold,
     with the noise flags its training recorded; returns the report."""
     from ..core.shards import read_shards
-    from .gold import FLAGS_FILE, REPORT_FILE, flag_files, gold_report, read_flags
+    from .gold import (
+        FLAG_KINDS,
+        FLAGS_FILE,
+        REPORT_FILE,
+        flag_files,
+        gold_report,
+        read_flags,
+    )
 
     d = Path(stage_dir)
     has_gold = "gold" in prompts.column_names
@@ -709,7 +716,7 @@ def write_gold_report(
         _fmt(report["self_labels"]["accuracy"], ".3f"),
         *(
             _fmt((flags.get(kind) or {}).get(key), ".3f")
-            for kind in ("with_dnd", "without_dnd")
+            for kind in FLAG_KINDS
             for key in ("precision", "recall")
         ),
     )

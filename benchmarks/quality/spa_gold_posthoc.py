@@ -30,6 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from axolotl_prefalign.spa.gold import FLAG_KINDS
 from axolotl_prefalign.spa.gold import REPORT_COUNTS as COUNTS
 
 
@@ -65,9 +66,7 @@ def reports(work: Path, checkers: list[str], iterations: int = 2) -> dict[str, A
             rep = gold_report(rows, read_shards(d / "pairs"), checker, flags, i)
             entry = {k: rep[k] for k in COUNTS}
             entry["self_labels"] = rep["self_labels"]
-            entry["noise_flags"] = {
-                k: rep["noise_flags"].get(k) for k in ("with_dnd", "without_dnd")
-            }
+            entry["noise_flags"] = {k: rep["noise_flags"].get(k) for k in FLAG_KINDS}
             entry["summary"] = gold_summary(rep)
             loop = d / "gold_report.json"
             if loop.exists():
@@ -109,7 +108,7 @@ def pooled_table(pooled: dict[str, Any]) -> list[str]:
         for i, a in its.items():
             sl = a["self_labels"]
             flags = []
-            for kind in ("with_dnd", "without_dnd"):
+            for kind in FLAG_KINDS:
                 f = a["noise_flags"][kind]
                 flags.append(
                     "–"
