@@ -43,6 +43,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .core.config import PrefAlignConfigError
     from .core.models import DefaultModelError
     from .core.rows import BadRowError
+    from .core.text_files import DataFileError
     from .integrations.llamafactory.export import ExportError
     from .integrations.llamafactory.launcher import LaunchError
     from .robustft.answers import LabelError
@@ -54,6 +55,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         PrefAlignConfigError,
         DefaultModelError,
         BadRowError,
+        DataFileError,
         FileNotFoundError,
         SpaLoopError,
         RobustFTError,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .rows import RowChecker, text_problem
+from .text_files import DataFileError, read_text
 
 INFO_FILE = "dataset_info.json"
 ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}
@@ -43,14 +44,25 @@ def is_dataset_info(path: str | Path) -> bool:
     return Path(str(path)).name == INFO_FILE
 
 
+def read_info(info_path: Path) -> dict[str, Any]:
+    """A dataset_info.json as written by any editor (BOM, UTF-16, CRLF)."""
+    try:
+        info = json.loads(read_text(info_path))
+    except json.JSONDecodeError as err:
+        raise DataFileError(
+            f"{info_path}, line {err.lineno}: malformed JSON ({err.msg})"
+        ) from None
+    if not isinstance(info, dict):
+        raise DataFileError(
+            f"{info_path}: must be a JSON object of datasets by name, "
+            f"got {type(info).__name__}"
+        )
+    return info
+
+
 def dataset_entry(info_path: Path, name: str | None) -> dict[str, Any]:
     """The entry `name` of a dataset_info.json (local files only)."""
-    from .local_data import DataFileError
-
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataFileError(f"{info_path}: malformed JSON ({err.msg})") from None
+    info = read_info(info_path)
     if not name:
         raise DataFileError(
             f"{info_path} is a LLaMA-Factory dataset_info.json: name one of its "
@@ -61,6 +73,11 @@ def dataset_entry(info_path: Path, name: str | None) -> dict[str, Any]:
             f"{info_path} has no dataset {name!r} ({', '.join(sorted(info))})"
         )
     entry = info[name]
+    if not isinstance(entry, dict):
+        raise DataFileError(
+            f"{info_path}, dataset {name!r}: must be a JSON object, "
+            f"got {type(entry).__name__}"
+        )
     if "file_name" not in entry:
         raise DataFileError(
             f"{info_path}, dataset {name!r}: only local datasets (file_name) are read"

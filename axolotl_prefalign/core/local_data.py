@@ -14,7 +14,6 @@ bad value is blamed on the wrong row. Lines are 1-based, as editors show them.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from typing import Any
 
 from .dataset_info import convert_row, dataset_entry, is_dataset_info
 from .rows import RowChecker
+from .text_files import DataFileError, read_text, sniff, text_lines
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -32,11 +32,7 @@ JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
-class DataFileError(ValueError):
-    """A local data file that cannot be read at all (missing, empty, not a list)."""
-
-    def __reduce__(self):
-        return (type(self), self.args)
+__all__ = ["DataFileError", "LocalRows", "read_entry", "read_local"]
 
 
 @dataclass
@@ -58,6 +54,9 @@ class LocalRows:
     # True when the rows are not the files' own records (a LLaMA-Factory dataset
     # read in prefalign's column names): Axolotl must read a converted copy.
     converted: bool = False
+    # Why `datasets` would misread a file (UTF-16, a byte-order mark, gzip under
+    # a plain name): Axolotl and LLaMA-Factory then read a UTF-8 copy.
+    recoded: str | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -93,25 +92,18 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
-
-
 def _read_json_lines(path: Path, out: LocalRows, checker: RowChecker) -> None:
     """Append the objects of a JSON-lines file; blank lines are allowed."""
-    with _open_text(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                out.n_seen += 1
-                checker.bad(len(out.rows), None, f"malformed JSON ({err.msg})", n)
-                continue
-            _append(out, checker, row, str(path), n)
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            out.n_seen += 1
+            checker.bad(len(out.rows), None, f"malformed JSON ({err.msg})", n)
+            continue
+        _append(out, checker, row, str(path), n)
 
 
 def _append(
@@ -134,8 +126,7 @@ def _append(
 
 def _read_json(path: Path, out: LocalRows, checker: RowChecker) -> None:
     """A `.json` file: a list of objects, or JSON lines under a .json name."""
-    with _open_text(path) as fh:
-        text = fh.read()
+    text = read_text(path)
     stripped = text.lstrip()
     if not stripped.startswith("["):
         # datasets accepts JSON lines named .json; so do we, with line numbers.
@@ -154,7 +145,38 @@ def _read_json(path: Path, out: LocalRows, checker: RowChecker) -> None:
 def _read_table(path: Path, kind: str, split: str) -> list[dict[str, Any]]:
     import datasets
 
-    return datasets.load_dataset(kind, data_files=str(path), split=split).to_list()
+    if kind == "csv":
+        for _ in text_lines(path):  # bad bytes: an error naming the line
+            pass
+        if sniff(path).recoded:
+            path = _utf8_copy(path)
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split=split)
+    except Exception as err:  # pyarrow/pandas errors name neither file nor fix
+        while err.__cause__ is not None:
+            err = err.__cause__
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataFileError(
+            f"{path}: not a readable {kind} file ({first[:200]}); was it cut off "
+            "while copying? Write it again"
+        ) from None
+    return ds.to_list()
+
+
+def _utf8_copy(path: Path) -> Path:
+    """A UTF-8 copy of a text file in another encoding, in the cache, for readers
+    that take UTF-8 only (pandas' CSV reader)."""
+    import hashlib
+
+    from .models import cache_dir
+    from .shards import atomic_write_text
+
+    text = read_text(path) + "\n"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    copy = cache_dir() / "recoded" / f"{digest}-{path.name.removesuffix('.gz')}"
+    if not copy.exists():
+        atomic_write_text(copy, text)
+    return copy
 
 
 def _read_saved(path: Path, split: str) -> list[dict[str, Any]]:
@@ -238,13 +260,20 @@ def read_local(
             f"{path}: the folder holds no .jsonl/.json/.parquet/.csv/.arrow file"
         )
     for f in paths:
-        if not f.is_file():
-            raise DataFileError(f"{f} does not exist")
+        if f.is_dir():
+            raise DataFileError(
+                f"{f} is a folder, not a file: name the files in it, or give the "
+                "folder as `path` alone"
+            )
+        recoded = sniff(f).recoded  # missing, empty, compressed: one clear line
         suffix = _suffix(f)
         kind = "json" if suffix in JSON_SUFFIXES else TABLE_FORMATS.get(suffix)
         if ds_type and ds_type != kind and ds_type in ("json", *TABLE_FORMATS.values()):
             kind = ds_type
         before = len(out.rows) + checker.n_skipped
+        if kind in ("json", "csv") and recoded:
+            LOG.info("%s: %s, read as UTF-8 text", f, recoded)
+            out.recoded = out.recoded or recoded
         if kind == "json":
             if suffix.startswith(".jsonl"):
                 _read_json_lines(f, out, checker)
@@ -286,7 +315,13 @@ def _read_dataset_info(
     checker.source = str(file)  # errors name the data file, not dataset_info.json
     data = read_local(file, on_bad_row=on_bad_row, source=str(file), checker=checker)
     checker.lines = data.lines
-    out = LocalRows(str(file), files=data.files, n_seen=data.n_seen, converted=True)
+    out = LocalRows(
+        str(file),
+        files=data.files,
+        n_seen=data.n_seen,
+        converted=True,
+        recoded=data.recoded,
+    )
     for i, row in enumerate(data.rows):
         converted = convert_row(row, entry, i, checker)
         if converted is not None:

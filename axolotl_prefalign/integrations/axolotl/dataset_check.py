@@ -90,15 +90,16 @@ def precheck_entry(
         data,
         lambda rows, checker: check(rows, checker, pa),
         pa.on_bad_row,
-        copy_always=data.converted,
+        copy_always=data.converted or bool(data.recoded),
     )
     if checked.copy is not None:
         if not checked.skipped:
+            what = f"LLaMA-Factory dataset {entry.get('name')!r}"
             LOG.info(
-                "%s: %d row(s) of LLaMA-Factory dataset %r, read as %s",
+                "%s: %d row(s) of %s, read as %s",
                 data.source,
                 len(checked.rows),
-                entry.get("name"),
+                what if data.converted else data.recoded,
                 checked.copy,
             )
         entry["path"] = str(checked.copy)

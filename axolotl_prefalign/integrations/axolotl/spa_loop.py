@@ -16,6 +16,7 @@ from typing import Any
 
 from ...core.config import SpaConfig, prefalign_config
 from ...core.shards import atomic_write_text, main_process_only
+from ...core.text_files import read_text
 from ...spa.loop import (
     Runner,
     SpaLoopError,
@@ -132,7 +133,7 @@ def run_from_config(
     if not main_process_only("the SPA loop"):
         return {}
     config_path = Path(config_path).resolve()
-    raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    raw = yaml.safe_load(read_text(config_path)) or {}
     if PLUGIN not in (raw.get("plugins") or []):
         raise SpaLoopError(f"the SPA loop needs `plugins: [{PLUGIN}]` in {config_path}")
     if raw.get("rl") not in (None, "dpo"):
@@ -158,7 +159,7 @@ def _final_card(cfg: Any, config_path: Path, summary: dict[str, Any]) -> None:
     from .model_card import write_spa_card
 
     try:
-        path = write_spa_card(cfg, config_path.read_text(encoding="utf-8"), summary)
+        path = write_spa_card(cfg, read_text(config_path), summary)
     except Exception:  # noqa: BLE001 - a card must never fail a finished loop
         LOG.warning("SPA: could not write the final model card", exc_info=True)
         return

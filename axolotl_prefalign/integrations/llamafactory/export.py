@@ -459,10 +459,12 @@ def write_llamafactory(out_dir: str | Path, sets: list[ExportedSet]) -> Path:
     info_path = out / DATASET_INFO
     info = {}
     if info_path.exists():
+        from ...core.dataset_info import read_info
+
         try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ExportError(f"{info_path} is not valid JSON: {err}") from err
+            info = read_info(info_path)
+        except DataFileError as err:
+            raise ExportError(str(err)) from None
     for s in sets:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in s.rows)
         atomic_write_text(out / s.file, text)

@@ -1,8 +1,10 @@
-"""`prefalign llamafactory train CONFIG.yaml`: LLaMA-Factory's workflow, our trainer.
+"""`prefalign llamafactory train CONFIG.yaml [key=value ...]`: LLaMA-Factory's
+workflow, our trainer.
 
 CONFIG is a LLaMA-Factory YAML plus a `prefalign:` block (the same block an Axolotl
-YAML has). The launcher takes the block out, checks it against the rest, registers
-our dataset converters, puts `PrefAlignLFTrainer` where `run_dpo` looks for
+YAML has), read as `llamafactory-cli` reads it, `key=value` overrides included
+(config_file.py). The launcher takes the block out, checks it against the rest,
+registers our dataset converters, puts `PrefAlignLFTrainer` where `run_dpo` looks for
 `CustomDPOTrainer`, and calls LLaMA-Factory's own `run_exp` with the remaining keys
 (LLaMA-Factory rejects unknown ones). Nothing else of LLaMA-Factory is patched.
 
@@ -25,11 +27,13 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ...core.config import PrefAlignConfig, PrefAlignConfigError
 from ...core.models import DEFAULT_MODEL_ALIAS
+from ...core.text_files import read_text
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -72,7 +76,7 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], PrefAlignConfig]:
     """(LLaMA-Factory's arguments, the validated `prefalign:` block) of a YAML."""
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    raw = yaml.safe_load(read_text(path))
     if not isinstance(raw, dict):
         raise LaunchError(f"{path}: a LLaMA-Factory config must be a mapping")
     block = raw.pop("prefalign", None)
@@ -162,7 +166,8 @@ def install(pa: PrefAlignConfig) -> type:
 
     register_converters()
     PrefAlignLFTrainer.prefalign = pa
-    PrefAlignLFTrainer.batches_seen = 0
+    PrefAlignLFTrainer.built = PrefAlignLFTrainer.batches_seen = 0
+    PrefAlignLFTrainer.ended_at = None
     lf_trainer.CustomDPOTrainer = PrefAlignLFTrainer
     return PrefAlignLFTrainer
 
@@ -181,7 +186,9 @@ def processes() -> int:
     return int(os.environ.get("NPROC_PER_NODE") or max(devices, 1))
 
 
-def torchrun_command(config: str | Path, nproc: int) -> list[str]:
+def torchrun_command(
+    config: str | Path, nproc: int, overrides: Sequence[str] = ()
+) -> list[str]:
     """This launcher under torchrun, with LLaMA-Factory's launch environment."""
     env = os.environ
     port = env.get("MASTER_PORT")
@@ -206,6 +213,7 @@ def torchrun_command(config: str | Path, nproc: int) -> list[str]:
         "-m",
         MODULE,
         str(config),
+        *overrides,
     ]
 
 
@@ -221,6 +229,7 @@ def precheck(args: dict[str, Any], pa: PrefAlignConfig) -> None:
     """Check local `formatting: prefalign_pairs` files line by line; under
     `on_bad_row: skip` LLaMA-Factory reads checked copies (a rewritten
     dataset_info.json in the cache) without the bad rows."""
+    from ...core.dataset_info import read_info
     from ...core.local_data import DataFileError, keep_checked, read_local
     from ...core.models import cache_dir
     from ...spa.pairs import normalize_pair
@@ -230,7 +239,10 @@ def precheck(args: dict[str, Any], pa: PrefAlignConfig) -> None:
     names = dataset_names(args) + dataset_names({"dataset": args.get("eval_dataset")})
     if not names or not info_path.exists():
         return  # LLaMA-Factory reports a missing dataset_info.json itself
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    try:
+        info = read_info(info_path)
+    except DataFileError as err:
+        raise LaunchError(str(err)) from None
     changed = False
     for name in names:
         entry = info.get(name)
@@ -252,6 +264,7 @@ def precheck(args: dict[str, Any], pa: PrefAlignConfig) -> None:
                     if normalize_pair(row, i, checker) is not None
                 ),
                 pa.on_bad_row,
+                copy_always=bool(data.recoded),  # LLaMA-Factory reads UTF-8 only
             )
         except DataFileError as err:
             raise LaunchError(str(err)) from None
@@ -270,11 +283,11 @@ def precheck(args: dict[str, Any], pa: PrefAlignConfig) -> None:
         args["dataset_dir"] = str(folder)
 
 
-def train(config: str | Path) -> None:
+def train(config: str | Path, overrides: Sequence[str] = ()) -> None:
     """Run one LLaMA-Factory training with prefalign's trainer and converters."""
     import subprocess
 
-    args, pa = read_config(config)
+    args, pa = read_config(config, overrides)
     version = check_version()
     if args.get("model_name_or_path") == DEFAULT_MODEL_ALIAS:
         # The embedded SmolLM2-135M-Instruct, as with the Axolotl plugin.
@@ -284,7 +297,7 @@ def train(config: str | Path) -> None:
     pa = resolve(args, pa)
     nproc = processes()
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        cmd = torchrun_command(config, nproc)
+        cmd = torchrun_command(config, nproc, overrides)
         LOG.info("prefalign: %d processes: re-launching under torchrun", nproc)
         raise SystemExit(subprocess.run(cmd, check=False).returncode)
     precheck(args, pa)
@@ -295,20 +308,43 @@ def train(config: str | Path) -> None:
     from llamafactory.train.tuner import run_exp
 
     run_exp(args)
-    if stage == "dpo" and args.get("do_train") and trainer.batches_seen == 0:
-        raise LaunchError(
-            "LLaMA-Factory trained without prefalign's trainer (no batch reached "
-            f"{trainer.__name__}); this LLaMA-Factory release may build its DPO "
-            "trainer differently"
+    if stage == "dpo" and args.get("do_train"):
+        check_trained(trainer)
+
+
+def check_trained(trainer: type) -> None:
+    """After a DPO run: an error unless our trainer trained, or was built and
+    found nothing left to train (a finished run resumed at its last step)."""
+    if trainer.batches_seen:
+        return
+    ended = trainer.ended_at
+    if trainer.built and ended is not None and ended[2] and ended[0] >= ended[1]:
+        step, max_steps, checkpoint = ended
+        LOG.info(
+            "prefalign: nothing left to train: resumed at step %d of %d from %s "
+            "(to train again: overwrite_output_dir: true, or a new output_dir)",
+            step,
+            max_steps,
+            checkpoint,
         )
+        return
+    what = (
+        f"{trainer.__name__} was built but computed no batch"
+        if trainer.built
+        else f"{trainer.__name__} was never built"
+    )
+    raise LaunchError(
+        f"LLaMA-Factory trained without prefalign's trainer ({what}); this "
+        "LLaMA-Factory release may build its DPO trainer differently"
+    )
 
 
 def main() -> None:
-    """`python -m axolotl_prefalign.integrations.llamafactory.launcher CONFIG`."""
-    if len(sys.argv) != 2:
-        raise SystemExit(f"usage: python -m {MODULE} CONFIG.yaml")
+    """`python -m axolotl_prefalign.integrations.llamafactory.launcher CONFIG ...`."""
+    if len(sys.argv) < 2:
+        raise SystemExit(f"usage: python -m {MODULE} CONFIG.yaml [key=value ...]")
     log_to_stderr()
-    train(sys.argv[1])
+    train(sys.argv[1], sys.argv[2:])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ...core.dataset_info import INFO_FILE
 from ...core.local_data import DataFileError, read_local
 from ...core.rows import RowChecker
 from ...core.shards import main_process_only
+from ...core.text_files import read_text
 from ...robustft.pipeline import (
     DenoiseResult,
     RobustFTError,
@@ -43,7 +44,7 @@ def settings_for(config_path: Path, pa: PrefAlignConfig) -> PrefAlignConfig:
     YAML names them itself."""
     import yaml
 
-    raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    raw = yaml.safe_load(read_text(config_path)) or {}
     block = raw.get("prefalign") or {}
     if "fields" in (block.get("robustft") or {}):
         return pa

@@ -27,6 +27,7 @@ from typing import Any
 
 from ...core.config import PrefAlignConfig, PrefAlignConfigError, SpaConfig
 from ...core.shards import atomic_write_json, atomic_write_text, main_process_only
+from ...core.text_files import read_text
 from ...spa.loop import (
     Runner,
     expand_iteration,
@@ -174,7 +175,7 @@ def run(config_path: str | Path, runner: Runner | None = None) -> dict[str, Any]
     iteration_prompts(pa.spa, pa.on_bad_row)  # bad prompt settings fail first
     import yaml
 
-    block = yaml.safe_load(config_path.read_text(encoding="utf-8")).get("prefalign")
+    block = yaml.safe_load(read_text(config_path)).get("prefalign")
     trainings = LlamaFactoryTrainings(
         args,
         block or {},
