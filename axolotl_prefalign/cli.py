@@ -204,13 +204,19 @@ def llamafactory() -> None:
     log_to_stderr()
 
 
+# `key=value` after a LLaMA-Factory config, merged into it as llamafactory-cli does.
+overrides_arg = click.argument("overrides", nargs=-1)
+
+
 @llamafactory.command("train")
 @config_arg
-def llamafactory_train(config: Path) -> None:
-    """Train a LLaMA-Factory YAML (plus a `prefalign:` block) with our trainer."""
+@overrides_arg
+def llamafactory_train(config: Path, overrides: tuple[str, ...]) -> None:
+    """Train a LLaMA-Factory YAML (plus a `prefalign:` block) with our trainer;
+    `key=value` overrides as with llamafactory-cli."""
     from .integrations.llamafactory.launcher import train
 
-    train(config)
+    train(config, overrides)
 
 
 @llamafactory.command("spa")
@@ -224,11 +230,12 @@ def llamafactory_spa(config: Path) -> None:
 
 @llamafactory.command("denoise")
 @config_arg
-def llamafactory_denoise(config: Path) -> None:
+@overrides_arg
+def llamafactory_denoise(config: Path, overrides: tuple[str, ...]) -> None:
     """RobustFT on the YAML's LLaMA-Factory datasets; writes <name>_robustft."""
     from .integrations.llamafactory.robustft import denoise
 
-    denoise(config, echo=click.echo)
+    denoise(config, overrides, echo=click.echo)
 
 
 def main() -> None:  # pragma: no cover - console entry

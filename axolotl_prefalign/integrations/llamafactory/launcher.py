@@ -33,7 +33,6 @@ from typing import Any
 
 from ...core.config import PrefAlignConfig, PrefAlignConfigError
 from ...core.models import DEFAULT_MODEL_ALIAS
-from ...core.text_files import read_text
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -72,13 +71,21 @@ def log_to_stderr() -> None:
         ours.propagate = False
 
 
-def read_config(path: str | Path) -> tuple[dict[str, Any], PrefAlignConfig]:
-    """(LLaMA-Factory's arguments, the validated `prefalign:` block) of a YAML."""
-    import yaml
+def read_raw(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A config and its `key=value` overrides as LLaMA-Factory reads them."""
+    from .config_file import ConfigFileError, read_args
 
-    raw = yaml.safe_load(read_text(path))
-    if not isinstance(raw, dict):
-        raise LaunchError(f"{path}: a LLaMA-Factory config must be a mapping")
+    try:
+        return read_args(path, overrides)
+    except ConfigFileError as err:
+        raise LaunchError(str(err)) from None
+
+
+def read_config(
+    path: str | Path, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], PrefAlignConfig]:
+    """(LLaMA-Factory's arguments, the validated `prefalign:` block) of a config."""
+    raw = read_raw(path, overrides)
     block = raw.pop("prefalign", None)
     return raw, PrefAlignConfig.from_raw(block)
 

@@ -12,7 +12,7 @@ with `dataset: <name>_robustft`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from ...core.dataset_info import INFO_FILE
 from ...core.local_data import DataFileError, read_local
 from ...core.rows import RowChecker
 from ...core.shards import main_process_only
-from ...core.text_files import read_text
 from ...robustft.pipeline import (
     DenoiseResult,
     RobustFTError,
@@ -32,21 +31,17 @@ from ...robustft.pipeline import (
     output_folder,
 )
 from .export import SFT_COLUMNS, ExportedSet, robustft_rows, write_llamafactory
-from .launcher import dataset_names, read_config
+from .launcher import dataset_names, read_raw
 
 # LLaMA-Factory SFT rows read as prefalign rows: the prompt is RobustFT's question,
 # the response its (possibly noisy) answer; free text, no option list.
 LLAMAFACTORY_FIELDS = {"question": "prompt", "answer": "response", "options": None}
 
 
-def settings_for(config_path: Path, pa: PrefAlignConfig) -> PrefAlignConfig:
+def settings_for(block: dict[str, Any] | None, pa: PrefAlignConfig) -> PrefAlignConfig:
     """The block with RobustFT's fields set to LLaMA-Factory's rows, unless the
-    YAML names them itself."""
-    import yaml
-
-    raw = yaml.safe_load(read_text(config_path)) or {}
-    block = raw.get("prefalign") or {}
-    if "fields" in (block.get("robustft") or {}):
+    config names them itself."""
+    if "fields" in ((block or {}).get("robustft") or {}):
         return pa
     robustft = {**pa.robustft.model_dump(), "fields": LLAMAFACTORY_FIELDS}
     return PrefAlignConfig.from_raw({**pa.model_dump(), "robustft": robustft})
@@ -54,15 +49,18 @@ def settings_for(config_path: Path, pa: PrefAlignConfig) -> PrefAlignConfig:
 
 def denoise(
     config_path: str | Path,
+    overrides: Sequence[str] = (),
     *,
     load_predictor: Callable[[str], Any] | None = None,
     encoder: Any = None,
     echo: Callable[[str], Any] = print,
 ) -> list[DenoiseResult]:
-    """Denoise every dataset of a LLaMA-Factory config; write `<name>_robustft`."""
+    """Denoise every dataset of a LLaMA-Factory config (with `key=value`
+    overrides, as llamafactory-cli); write `<name>_robustft`."""
     config_path = Path(config_path)
-    args, pa = read_config(config_path)
-    pa = settings_for(config_path, pa)
+    args = read_raw(config_path, overrides)
+    block = args.pop("prefalign", None)
+    pa = settings_for(block, PrefAlignConfig.from_raw(block))
     names = dataset_names(args)
     if not names:
         raise RobustFTError(f"{config_path} names no `dataset:` to denoise")

@@ -27,13 +27,29 @@ class PrefAlignLFTrainer(CustomDPOTrainer):
 
     # Set by the launcher (LLaMA-Factory builds the trainer with its own arguments).
     prefalign: PrefAlignConfig = PrefAlignConfig()
-    # Batches this process computed with our step: the launcher checks it after
-    # training, so a run where another trainer did the work fails loudly.
+    # What the launcher checks after training, so that a run where another trainer
+    # did the work fails loudly while one with nothing left to train does not:
+    # trainers built, batches computed with our step, and (step, max_steps, the
+    # checkpoint it resumed from) where the last `train()` ended.
+    built = 0
     batches_seen = 0
+    ended_at: tuple[int, int, str | None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.pref_step = PreferenceStep(self.prefalign, self._reference_context)
+        type(self).built += 1
+
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        """Trainer.train, recording the step it ended at (a finished run resumed
+        from its last checkpoint ends where it started, without a batch)."""
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        resumed = resume_from_checkpoint
+        if resumed is True:  # Trainer's "the last checkpoint in output_dir"
+            resumed = f"the last checkpoint in {self.args.output_dir}"
+        resumed = resumed and str(resumed)
+        type(self).ended_at = (self.state.global_step, self.state.max_steps, resumed)
+        return result
 
     def _reference_context(self, model):
         # As LLaMA-Factory: LoRA has no reference copy; the policy with the adapter
