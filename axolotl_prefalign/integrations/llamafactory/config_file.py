@@ -75,9 +75,17 @@ def _load(path: Path) -> Any:
     try:
         return OmegaConf.create(text)  # OmegaConf.load's YAML loader, on the text
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigFileError(f"{path}{where}: malformed YAML ({problem})") from None
+        raise ConfigFileError(f"{path}{_yaml_problem(err)}") from None
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigFileError(f"{path}: {err}") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """', line N: malformed YAML (what; where it began)' of a PyYAML error."""
+    mark = getattr(err, "problem_mark", None)
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err)
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None:
+        problem += f"; {context} on line {start.line + 1}"
+    return f"{where}: malformed YAML ({problem})"
