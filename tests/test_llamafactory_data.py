@@ -239,3 +239,69 @@ def test_llamafactory_denoise_writes_the_result_back_as_a_llamafactory_dataset(
         ("Which tower is in Paris?", "Eiffel Tower"),
     ]
     assert any("dataset: noisy_robustft" in line for line in lines)
+
+
+def test_llamafactory_denoise_keeps_each_rows_system_prompt(tmp_path):
+    """Sharegpt rows with a system turn: the rows written back keep it in an
+    alpaca `system` column that their dataset_info entry declares, and the
+    denoised folder is not the one of the same rows without it."""
+    from axolotl_prefalign.integrations.llamafactory.robustft import denoise
+
+    qa = [("How many apples?", "5"), ("Which tower is in Paris?", "Eiffel Tower")]
+    systems = ["Answer with a number.", "Answer with a name."]
+    sharegpt = [
+        {
+            "conversations": [
+                {"from": "system", "value": system},
+                {"from": "human", "value": q},
+                {"from": "gpt", "value": a},
+            ]
+        }
+        for (q, a), system in zip(qa, systems, strict=True)
+    ]
+    alpaca = [{"instruction": q, "output": a} for q, a in qa]
+    info = _dataset(tmp_path, "chat", sharegpt, {"formatting": "sharegpt"})
+    _dataset(tmp_path, "plain", alpaca, {})
+    replies = {
+        ("plain", qa[0][0]): "Answer: 6",
+        ("reasoning", qa[0][0]): "Answer: 6 apples",
+        ("context", qa[0][0]): ("Answer: 6", [-0.2]),
+        ("plain", qa[1][0]): "The Eiffel tower.",
+        ("reasoning", qa[1][0]): "Answer: the eiffel tower",
+    }
+    config = tmp_path / "denoise.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "fake",
+                "stage": "sft",
+                "dataset": "chat,plain",
+                "dataset_dir": str(info.parent),
+                "output_dir": str(tmp_path / "out"),
+                "prefalign": {"robustft": {"review": "rule", "batch_size": 2}},
+            }
+        )
+    )
+    chat, plain = denoise(
+        config,
+        load_predictor=lambda p: FakeModel(replies),
+        encoder=bow_encoder,
+        echo=lambda line: None,
+    )
+    assert chat.out_dir.name.split("-")[-1] != plain.out_dir.name.split("-")[-1]
+    entries = json.loads(info.read_text())
+    assert entries["chat_robustft"]["columns"] == {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+    }
+    assert "system" not in entries["plain_robustft"]["columns"]
+    written = [
+        json.loads(x)
+        for x in (info.parent / "chat_robustft.jsonl").read_text().splitlines()
+    ]
+    assert written == [
+        {"instruction": q, "input": "", "output": a, "system": system}
+        for (q, _), a, system in zip(qa, ["6", "Eiffel Tower"], systems, strict=True)
+    ]

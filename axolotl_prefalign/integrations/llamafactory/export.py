@@ -254,9 +254,11 @@ def robustft_rows(
     answer: str,
     options: str | None,
     checker: RowChecker,
+    system: str | None = None,
 ) -> list[dict[str, Any]]:
     """Denoised RobustFT rows as alpaca SFT rows: the user turn RobustFT's dataset
-    type trains on (question + lettered options) → the answer."""
+    type trains on (question + lettered options) → the answer; a row's text in
+    column `system` is kept as its `system`."""
     from ...robustft.sft import user_turn
 
     out = []
@@ -274,13 +276,14 @@ def robustft_rows(
         ):
             checker.bad(index, options, "options must be a list of texts")
             continue
-        out.append(
-            {
-                "instruction": user_turn(row[question], opts),
-                "input": "",
-                "output": label,
-            }
-        )
+        sft = {
+            "instruction": user_turn(row[question], opts),
+            "input": "",
+            "output": label,
+        }
+        if system and isinstance(row.get(system), str) and row[system].strip():
+            sft["system"] = row[system]
+        out.append(sft)
     return out
 
 

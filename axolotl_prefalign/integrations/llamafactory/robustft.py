@@ -1,4 +1,5 @@
-"""`prefalign llamafactory denoise CONFIG.yaml`: RobustFT on LLaMA-Factory datasets.
+"""`prefalign llamafactory denoise CONFIG.yaml [key=value ...]`: RobustFT on
+LLaMA-Factory datasets.
 
 CONFIG is a LLaMA-Factory SFT YAML plus a `prefalign:` block with `robustft:`
 settings. Every dataset named by `dataset:` (alpaca or sharegpt in `dataset_dir`'s
@@ -7,16 +8,19 @@ dataset_info.json) is read in prefalign's column names (`prompt` → the questio
 denoised into its keyed output folder (resumable, as `axolotl prefalign denoise`),
 and written back into `dataset_dir` as the LLaMA-Factory dataset
 `<name>_robustft` (D_clean ∪ D_select) with its dataset_info.json entry; train it
-with `dataset: <name>_robustft`.
+with `dataset: <name>_robustft`. Alpaca rows are written; a row's system prompt (a
+sharegpt system turn or an alpaca system column) is kept in a `system` column.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...core.config import PrefAlignConfig
+from ...core.config import PrefAlignConfig, RobustFTConfig
 from ...core.dataset_info import INFO_FILE
 from ...core.local_data import DataFileError, read_local
 from ...core.rows import RowChecker
@@ -33,9 +37,26 @@ from ...robustft.pipeline import (
 from .export import SFT_COLUMNS, ExportedSet, robustft_rows, write_llamafactory
 from .launcher import dataset_names, read_raw
 
+# The column of a row's system prompt (a sharegpt system turn, an alpaca system
+# column): kept in the rows written back.
+SYSTEM = "system"
 # LLaMA-Factory SFT rows read as prefalign rows: the prompt is RobustFT's question,
 # the response its (possibly noisy) answer; free text, no option list.
 LLAMAFACTORY_FIELDS = {"question": "prompt", "answer": "response", "options": None}
+
+
+def denoise_key(
+    settings: RobustFTConfig, rows: list[dict[str, Any]], base_model, on_bad_row: str
+) -> str:
+    """RobustFT's cache key of `rows`, changed by their system prompts: the
+    output folder's rows carry them into the written dataset."""
+    key = cache_key(settings, rows, base_model=base_model, on_bad_row=on_bad_row)
+    systems = [row.get(SYSTEM) for row in rows]
+    if not any(systems):
+        return key  # the key alpaca rows without a system column always had
+    h = hashlib.sha256(key.encode())
+    h.update(json.dumps(systems).encode())
+    return h.hexdigest()
 
 
 def settings_for(block: dict[str, Any] | None, pa: PrefAlignConfig) -> PrefAlignConfig:
@@ -76,9 +97,7 @@ def denoise(
             data = read_local(info, name=name, on_bad_row=pa.on_bad_row)
         except DataFileError as err:
             raise RobustFTError(f"dataset {name!r}: {err}") from None
-        key = cache_key(
-            settings, data.rows, base_model=base_model, on_bad_row=pa.on_bad_row
-        )
+        key = denoise_key(settings, data.rows, base_model, pa.on_bad_row)
         out_dir = output_folder(default_parent(args, settings), name, key)
         result = denoise_dataset(
             data.rows,
@@ -95,7 +114,12 @@ def denoise(
         echo(format_report(result.report))
         checker = RowChecker(str(out_dir), pa.on_bad_row)
         rows = robustft_rows(
-            result.train.to_list(), f.question, f.answer, f.options, checker
+            result.train.to_list(),
+            f.question,
+            f.answer,
+            f.options,
+            checker,
+            system=SYSTEM,
         )
         checker.report()
         if not rows:
@@ -104,20 +128,19 @@ def denoise(
                 f"{out_dir}): nothing written; the experts may be too weak for it"
             )
         out_name = f"{name}_robustft"
-        write_llamafactory(
-            dataset_dir,
-            [
-                ExportedSet(
-                    out_name,
-                    f"{out_name}.jsonl",
-                    rows,
-                    False,
-                    dict(SFT_COLUMNS),
-                    data.source,
-                    checker.n_skipped,
-                )
-            ],
+        columns = dict(SFT_COLUMNS)
+        if any(SYSTEM in row for row in rows):
+            columns[SYSTEM] = SYSTEM  # LLaMA-Factory reads alpaca's system column
+        written = ExportedSet(
+            out_name,
+            f"{out_name}.jsonl",
+            rows,
+            False,
+            columns,
+            data.source,
+            checker.n_skipped,
         )
+        write_llamafactory(dataset_dir, [written])
         echo(
             f"LLaMA-Factory dataset {out_name!r}: {len(rows)} rows in "
             f"{dataset_dir / (out_name + '.jsonl')} (entry added to {info}); "
