@@ -405,6 +405,11 @@ def test_sharded_lm_head_is_a_clear_error(ours, how):
     if how == "zero3":
         head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on its parameters
     else:
-        head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        # FSDP1 (use_orig_params): the full weight inside the head's own forward,
+        # an empty view after it, where the fused path reads it.
+        def reshard(module, args, output):
+            module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+        head.register_forward_hook(reshard)
     with pytest.raises(RuntimeError, match="does not support a sharded lm_head"):
         trainer.compute_loss(trainer.model, _batch(trainer))

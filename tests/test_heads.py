@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axolotl_prefalign.core.heads import causal_lm, plain_lm_head
+from axolotl_prefalign.core.heads import causal_lm, head_in_use, lm_head_weights
 
 
 def test_plain_head_of_a_peft_model_is_the_base_models_linear(tiny_model):
@@ -13,8 +13,8 @@ def test_plain_head_of_a_peft_model_is_the_base_models_linear(tiny_model):
 
     peft = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))
     assert causal_lm(peft) is tiny_model
-    weight, bias = plain_lm_head(peft)
-    assert weight is tiny_model.lm_head.weight
+    with lm_head_weights(peft) as (weight, bias):
+        assert weight is tiny_model.lm_head.weight
     assert bias is None
 
 
@@ -29,7 +29,7 @@ def test_plain_head_of_a_peft_model_is_the_base_models_linear(tiny_model):
 def test_models_that_postprocess_logits_are_refused(tiny_model, attr, value):
     setattr(tiny_model.config, attr, value)
     with pytest.raises(NotImplementedError, match=rf"config\.{attr} = {value}"):
-        plain_lm_head(tiny_model)
+        head_in_use(tiny_model)
 
 
 @pytest.mark.parametrize(
@@ -37,18 +37,23 @@ def test_models_that_postprocess_logits_are_refused(tiny_model, attr, value):
 )
 def test_neutral_postprocessing_values_are_fine(tiny_model, attr, value):
     setattr(tiny_model.config, attr, value)
-    assert plain_lm_head(tiny_model)[0] is tiny_model.lm_head.weight
+    assert head_in_use(tiny_model) is tiny_model.lm_head
 
 
 def test_lora_on_the_lm_head_is_refused(tiny_model):
     from peft import LoraConfig, get_peft_model
 
     peft = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["lm_head"]))
-    with pytest.raises(TypeError, match="do not put lm_head in lora_target_modules"):
-        plain_lm_head(peft)
+    with pytest.raises(TypeError) as err:
+        head_in_use(peft)
+    assert "cannot reproduce a LoRA layer on the lm_head" in str(err.value)
+    assert "lora_modules_to_save: [lm_head]" in str(err.value)
 
 
 def test_a_sharded_weight_is_refused(tiny_model):
     tiny_model.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-    with pytest.raises(RuntimeError, match="does not support a sharded lm_head"):
-        plain_lm_head(tiny_model)
+    with (
+        pytest.raises(RuntimeError, match="does not support a sharded lm_head"),
+        lm_head_weights(tiny_model),
+    ):
+        pass

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import PrefAlignConfig
-from .heads import causal_lm, plain_lm_head
+from .heads import causal_lm, lm_head_weights
 from .logprobs import IGNORE_INDEX, mixed_token_logprobs, token_logprobs
 from .losses import MarginWindow, implicit_rewards, preference_loss
 
@@ -205,11 +205,6 @@ class PreferenceStep:
             return cap.hidden[0]
         return cap.hidden[:, :-1]
 
-    def reference_hidden(self, model: nn.Module, layout: BatchLayout):
-        ref, ctx = self.reference(model)
-        with torch.no_grad(), ctx:
-            return self.hidden_states(ref, layout)
-
     def sequence_logps(self, hidden, weight, bias, layout, *, step: int):
         lp = token_logprobs(
             hidden,
@@ -232,13 +227,34 @@ class PreferenceStep:
 
     def reference_logps(self, model: nn.Module, inputs: dict, *, step: int):
         """(chosen, rejected) reference log-probs of one batch, without gradient."""
-        layout = self.layout(inputs)
+        logps, _ = self.reference_pass(model, self.layout(inputs), step=step)
+        return logps.chunk(2, dim=0)
+
+    def reference_pass(
+        self,
+        model: nn.Module,
+        layout: BatchLayout,
+        *,
+        step: int,
+        logps: bool = True,
+        policy: tuple[torch.Tensor, tuple] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The reference's sequence log-probs (if `logps`) and, given the policy's
+        (hidden, head), the DND mix's (SPA); one no-grad reference forward.
+
+        The heads are read inside the reference context: with a PEFT adapter
+        disabled, the lm_head in use is the original, not the adapter's copy.
+        """
         ref, ctx = self.reference(model)
+        ref_logps = mixed = None
         with torch.no_grad(), ctx:
             hidden = self.hidden_states(ref, layout)
-            weight, bias = plain_lm_head(ref)
-            logps = self.sequence_logps(hidden, weight, bias, layout, step=step)
-        return logps.chunk(2, dim=0)
+            with lm_head_weights(ref) as head:
+                if logps:
+                    ref_logps = self.sequence_logps(hidden, *head, layout, step=step)
+                if policy is not None:
+                    mixed = self.mixed_logps(*policy, hidden, head, layout)
+        return ref_logps, mixed
 
     # -- loss ----------------------------------------------------------------
     def __call__(
@@ -254,24 +270,23 @@ class PreferenceStep:
         """Per-pair losses and metrics of one batch (reference columns
         `ref_chosen_logps`/`ref_rejected_logps` are used when the batch has them)."""
         layout = self.layout(inputs)
-        weight, bias = plain_lm_head(model)
         hidden = self.hidden_states(model, layout)
-        logps = self.sequence_logps(hidden, weight, bias, layout, step=step)
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-
         cached = "ref_chosen_logps" in inputs
-        ref_hidden = None
-        if self.dnd_lambda > 0 or not cached:
-            ref_hidden = self.reference_hidden(model, layout)
+        ref_logps = mixed = None
+        # The policy's head is read after its forward, before the reference
+        # context switches the adapter (and its lm_head copy) off.
+        with lm_head_weights(model) as head:
+            logps = self.sequence_logps(hidden, *head, layout, step=step)
+            if self.dnd_lambda > 0 or not cached:
+                policy = (hidden, head) if self.dnd_lambda > 0 else None
+                ref_logps, mixed = self.reference_pass(
+                    model, layout, step=step, logps=not cached, policy=policy
+                )
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
         if cached:
             ref_chosen = inputs["ref_chosen_logps"].to(logps)
             ref_rejected = inputs["ref_rejected_logps"].to(logps)
         else:
-            ref_weight, ref_bias = plain_lm_head(self.reference(model)[0])
-            with torch.no_grad():
-                ref_logps = self.sequence_logps(
-                    ref_hidden, ref_weight, ref_bias, layout, step=step
-                )
             ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
 
         chosen_len, rejected_len = layout.lengths().to(logps).chunk(2, dim=0)
@@ -291,10 +306,8 @@ class PreferenceStep:
                 rejected_logps - ref_rejected
             )
             m_g = policy_margin.detach()
-            if self.dnd_lambda > 0:
-                m_g = self.dnd_margin(
-                    model, hidden, ref_hidden, layout, ref_chosen, ref_rejected
-                )
+            if mixed is not None:
+                m_g = self.dnd_margin(mixed, ref_chosen, ref_rejected)
             confident, alpha = self.spa_confidence(
                 m_g, beta=beta, training=training, progress=step / max(max_steps, 1)
             )
@@ -320,11 +333,10 @@ class PreferenceStep:
             losses, chosen_logps, rejected_logps, ref_chosen, ref_rejected, metrics
         )
 
-    def dnd_margin(self, model, hidden, ref_hidden, layout, ref_chosen, ref_rejected):
-        """m_g: the DPO margin of z_g = (1+λ)·z_θ − λ·z_ref, a simulated more
+    def mixed_logps(self, hidden, head, ref_hidden, ref_head, layout):
+        """Sequence log-probs of z_g = (1+λ)·z_θ − λ·z_ref, a simulated more
         strongly aligned model (SPA's de-coupled noise detection); no gradient."""
-        weight, bias = plain_lm_head(model)
-        ref_weight, ref_bias = plain_lm_head(self.reference(model)[0])
+        (weight, bias), (ref_weight, ref_bias) = head, ref_head
         token_lp = mixed_token_logprobs(
             hidden.detach(),
             ref_hidden,
@@ -336,7 +348,12 @@ class PreferenceStep:
             ref_bias=None if ref_bias is None else ref_bias.detach(),
             chunk_size=self.config.chunk_size,
         )
-        g_chosen, g_rejected = layout.per_sequence(token_lp).chunk(2, dim=0)
+        return layout.per_sequence(token_lp)
+
+    @staticmethod
+    def dnd_margin(mixed, ref_chosen, ref_rejected):
+        """m_g: the DPO margin of the DND mix's sequence log-probs."""
+        g_chosen, g_rejected = mixed.chunk(2, dim=0)
         return (g_chosen - ref_chosen) - (g_rejected - ref_rejected)
 
     def spa_confidence(

@@ -96,13 +96,12 @@ def sequence_logliks(model: Any, batch: dict[str, Any]) -> list[float]:
 def answer_token_logprobs(model: Any, batch: dict[str, Any]) -> Any:
     """log p of every labelled token of a `padded_batch`, [B, T-1] (0 elsewhere);
     differentiable, so the cross-fitting SFT loss is its negative mean."""
-    from ..core.heads import causal_lm, plain_lm_head
+    from ..core.heads import causal_lm, lm_head_weights
     from ..core.logprobs import token_logprobs
     from ..core.preference import HiddenCapture
 
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    weight, bias = plain_lm_head(model)
     with HiddenCapture(causal_lm(model).get_decoder()) as cap:
         # Only one position reaches the lm_head: the fused path does the rest.
         model(
@@ -111,7 +110,9 @@ def answer_token_logprobs(model: Any, batch: dict[str, Any]) -> Any:
             use_cache=False,
             logits_to_keep=1,
         )
-    return token_logprobs(cap.hidden[:, :-1], weight, batch["labels"][:, 1:], bias=bias)
+    with lm_head_weights(model) as (weight, bias):
+        labels = batch["labels"][:, 1:]
+        return token_logprobs(cap.hidden[:, :-1], weight, labels, bias=bias)
 
 
 def option_probs(logliks: Sequence[float]) -> list[float]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..core.heads import causal_lm, plain_lm_head
+from ..core.heads import causal_lm, lm_head_weights
 from ..core.logprobs import IGNORE_INDEX
 from ..core.losses import implicit_rewards as dpo_implicit_rewards
 from .pairs import completion_text, prompt_text
@@ -127,14 +127,14 @@ def sequence_logprobs(
     from ..core.logprobs import token_logprobs
 
     causal = causal_lm(model)
-    weight, bias = plain_lm_head(causal)
-    device = weight.device
+    device = causal.get_input_embeddings().weight.device
     ids, mask, labels = _batch(encoded, pad_id, device)
     out = causal.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    per_token = token_logprobs(
-        hidden[:, :-1], weight, labels, bias=bias, chunk_size=chunk_size
-    )
+    with lm_head_weights(causal) as (weight, bias):
+        per_token = token_logprobs(
+            hidden[:, :-1], weight, labels, bias=bias, chunk_size=chunk_size
+        )
     return per_token.double().sum(-1).cpu(), (labels != IGNORE_INDEX).sum(-1).cpu()
 
 
