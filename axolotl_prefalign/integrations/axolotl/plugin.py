@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
@@ -119,6 +120,66 @@ def _reject_conflicting_dpo_keys(cfg: dict) -> None:
         )
 
 
+# Names Axolotl gives a model's output head (its `get_linear_embedding_layers`).
+OUTPUT_HEADS = ("lm_head", "embed_out")
+
+
+def _lora_on_output_head(targets: Any) -> str | None:
+    """The lora_target_modules entry that puts LoRA on the output head, if any."""
+    if isinstance(targets, str):  # PEFT: a regex matched against module names
+        hit = any(re.fullmatch(targets, head) for head in OUTPUT_HEADS)
+        return targets if hit else None
+    return next(
+        (t for t in targets or [] if str(t).split(".")[-1] in OUTPUT_HEADS), None
+    )
+
+
+def _model_config(cfg: dict) -> Any:
+    # The config only (no weights): None when it cannot be read here (a hub model
+    # offline, a typo); Axolotl then reports the problem itself when it loads.
+    from transformers import AutoConfig
+
+    name = cfg.get("base_model_config") or cfg.get("base_model")
+    if not name:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(
+            name,
+            trust_remote_code=cfg.get("trust_remote_code") is True,
+            revision=cfg.get("revision_of_model"),
+        )
+    except (OSError, ValueError):
+        return None
+    for key, value in (cfg.get("overrides_of_model_config") or {}).items():
+        setattr(config, key, value)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _reject_unsupported_heads(cfg: dict) -> None:
+    # The fused log-prob path multiplies by the lm_head's weight itself; say what
+    # it cannot reproduce now, not after the model and the data have loaded.
+    from ...core.heads import logit_postprocessing
+
+    target = _lora_on_output_head(cfg.get("lora_target_modules"))
+    if cfg.get("adapter") and target is not None:
+        raise PrefAlignConfigError(
+            f"lora_target_modules: {target!r} puts LoRA on the lm_head, which "
+            "prefalign's fused log-prob path cannot reproduce; remove it from "
+            "lora_target_modules, and to train the head list it in "
+            "lora_modules_to_save instead (e.g. lora_modules_to_save: "
+            "[embed_tokens, lm_head]: a full trainable copy, the reference keeps "
+            "the original)"
+        )
+    found = logit_postprocessing(_model_config(cfg))
+    if found is not None:
+        raise PrefAlignConfigError(
+            f"base_model: {cfg.get('base_model')} post-processes its logits "
+            f"(config.{found[0]} = {found[1]}), which prefalign's fused log-prob "
+            "path does not reproduce; train this model with Axolotl's own DPO "
+            "(remove prefalign.loss and prefalign.fused_logprobs)"
+        )
+
+
 class PrefAlignPlugin(BasePlugin):
     """SPA, plaintext contrast SFT, RobustFT and a fused log-prob path for Axolotl."""
 
@@ -146,6 +207,7 @@ class PrefAlignPlugin(BasePlugin):
                     "(the loss is chosen by prefalign.loss, not rl)"
                 )
             _reject_conflicting_dpo_keys(cfg)
+            _reject_unsupported_heads(cfg)
             self._install_trainer(cfg, TRAINER_CLS)
         elif pa.contrast.unlikelihood_weight > 0 and not cfg.get("rl"):
             self._install_trainer(cfg, SFT_TRAINER_CLS)
