@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -377,6 +378,42 @@ def test_changed_settings_after_a_finished_stage_are_refused(spa_yaml):
         SpaLoopError, match="iter_1/expand finished with other settings"
     ):
         run_from_config(_cfg(raw), path, runner=FakeStages())
+
+
+def _split_by_iterations(spa_yaml, iterations):
+    """The fixture's 6 prompts split by `iterations` alone (2: [3, 3]; 3: [2, 2, 2])."""
+    path, raw = spa_yaml
+    raw["prefalign"]["spa"].pop("prompts_per_iteration", None)
+    raw["prefalign"]["spa"]["iterations"] = iterations
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+def test_a_changed_split_of_the_prompts_never_reuses_an_expansion(spa_yaml):
+    path, raw = _split_by_iterations(spa_yaml, 2)
+    run_from_config(_cfg(raw), path, runner=FakeStages())
+    path, raw = _split_by_iterations(spa_yaml, 3)  # prompt 3 moves to iteration 2
+    with pytest.raises(
+        SpaLoopError, match="stage iter_1/expand finished with other settings"
+    ):
+        run_from_config(_cfg(raw), path, runner=FakeStages())
+    out = Path(raw["output_dir"])
+    for i in (1, 2):  # as the message says: delete them to redo them
+        shutil.rmtree(out / f"iter_{i}")
+    again = FakeStages()
+    run_from_config(_cfg(raw), path, runner=again)
+    assert again.calls[:2] == ["iter_1/expand", "iter_1/train"]
+    assert "iter_3/expand" in again.calls
+
+
+def test_the_same_split_spelled_another_way_reuses_the_expansions(spa_yaml):
+    path, raw = _split_by_iterations(spa_yaml, 2)
+    run_from_config(_cfg(raw), path, runner=FakeStages())
+    raw["prefalign"]["spa"]["prompts_per_iteration"] = [3, 3]
+    path.write_text(yaml.safe_dump(raw))
+    idle = FakeStages()
+    run_from_config(_cfg(raw), path, runner=idle)
+    assert idle.calls == []
 
 
 def test_an_iteration_without_pairs_stops_the_loop(spa_yaml):

@@ -73,9 +73,10 @@ EXPAND_SETTINGS = {
     "prompts_per_iteration",
     "seed",
 }
-# Prompt-source settings that only the gold report reads: outside the hash above,
-# so adding gold to a run does not make its finished expansions stale.
-GOLD_SOURCE_SETTINGS = {"gold_field", "gold_options_field"}
+# Settings that pick each iteration's prompts: they enter an expansion's key through
+# the prompts they pick (with `iterations`, which splits one source), so a changed
+# split is a changed expansion and gold fields on a source change nothing.
+SPLIT_SETTINGS = {"prompts", "prompts_per_iteration"}
 # spa settings only the loop and the expansion read (not the trainer).
 LOOP_ONLY = (EXPAND_SETTINGS - {"beta"}) | {
     "iterations",
@@ -532,6 +533,15 @@ def short_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def expand_key(settings: dict[str, Any], prompts) -> str:
+    """The key of one expansion: its generation and judging settings and its own
+    prompts (source row and text), as the split of this run picks them."""
+    pairs = zip(prompts["index"], prompts["prompt"], strict=True)
+    picked = [[int(i), p] for i, p in pairs]
+    body = {"settings": settings, "prompts": picked}
+    return short_sha(json.dumps(body, sort_keys=True))
+
+
 @dataclass
 class StageRunner:
     state: SpaState
@@ -550,6 +560,8 @@ class StageRunner:
         stale: list[Path],
     ) -> None:
         entry = self.state.entry(name)
+        if entry and not log.exists():
+            entry = None  # its folder was deleted (as a refusal advises): run anew
         if entry and not self.dirty:
             if entry["sha"] != sha:
                 raise SpaLoopError(
@@ -878,15 +890,12 @@ def run_stages(
     """Seed DPO, then expand → train per iteration, each stage through `trainings`;
     resumable at stage granularity; with gold answers each iteration also writes
     its gold report. Returns the summary (also `spa_summary.json`)."""
-    settings = spa.model_dump(
-        include=EXPAND_SETTINGS,
-        exclude={"prompts": {"__all__": GOLD_SOURCE_SETTINGS}},
-    )
-    spa_sha = short_sha(json.dumps(settings, sort_keys=True))
+    settings = spa.model_dump(include=EXPAND_SETTINGS - SPLIT_SETTINGS)
     loop = StageRunner(SpaState(out / STATE_FILE), runner or run_command)
     adapter = trainings.adapter
     rows: list[dict[str, Any]] = []
-    gold_prompts = iteration_prompts(spa, on_bad_row) if spa.has_gold else None
+    parts = iteration_prompts(spa, on_bad_row)
+    gold_prompts = parts if spa.has_gold else None
 
     for i in range(spa.iterations + 1):
         d = iter_dir(out, i)
@@ -895,7 +904,7 @@ def run_stages(
         if i > 0:
             loop.stage(
                 f"iter_{i}/expand",
-                spa_sha + f"-{i}",
+                expand_key(settings, parts[i - 1]),
                 trainings.expand_command(i, d),
                 d / "expand.log",
                 lambda d=d: expansion_done(d),
