@@ -98,3 +98,71 @@ def test_cli_compares_the_base_with_the_adapter_on_the_held_out_rows(
     assert line.startswith("held-out preference accuracy on 4 pairs of ")
     assert "[train[2:]]: base " in line and " -> trained " in line
     assert line.endswith(f"trained model: {adapter.resolve()}")
+
+
+def _pairs_cfg(tmp_path, model_dir, rows: list[dict], dataset_type) -> object:
+    """Axolotl's validated config of a DPO run on `rows` with `type: dataset_type`."""
+    from axolotl_prefalign.cli import load_config
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "base_model": str(model_dir),
+        "plugins": ["axolotl_prefalign.PrefAlignPlugin"],
+        "prefalign": {"loss": "sigmoid"},
+        "rl": "dpo",
+        "datasets": [{"path": str(data), "ds_type": "json", "type": dataset_type}],
+        "output_dir": str(tmp_path / "out"),
+        "sequence_len": 128,
+        "micro_batch_size": 1,
+        "learning_rate": 1e-4,
+        "num_epochs": 1,
+        "dataset_num_proc": 1,
+    }
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path)
+
+
+def test_chat_template_type_renders_with_the_tokenizers_template(
+    tiny_model_dir, tmp_path
+):
+    from axolotl_prefalign.integrations.axolotl.eval_pairs import load_pairs
+
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"What is {i} + 1?"}],
+            "chosen": str(i + 1),
+            "rejected": str(i + 2),
+        }
+        for i in range(3)
+    ]
+    cfg = _pairs_cfg(tmp_path, tiny_model_dir, rows, "chat_template.default")
+    pairs = load_pairs(cfg, "train[1:]")
+    assert pairs == [
+        (_turn(f"What is {i} + 1?"), f"{i + 1}<|im_end|>", f"{i + 2}<|im_end|>")
+        for i in (1, 2)
+    ]
+
+
+def test_dict_type_renders_its_own_columns_and_formats(tiny_model_dir, tmp_path):
+    from axolotl_prefalign.integrations.axolotl.eval_pairs import load_pairs
+
+    rows = [
+        {"question": f"What is {i} + 1?", "good": str(i + 1), "bad": str(i + 2)}
+        for i in range(3)
+    ]
+    dict_type = {
+        "field_prompt": "question",
+        "field_chosen": "good",
+        "field_rejected": "bad",
+        "prompt_format": "Q: {prompt}\nA:",
+        "chosen_format": " {chosen}",
+        "rejected_format": " {rejected}",
+    }
+    cfg = _pairs_cfg(tmp_path, tiny_model_dir, rows, dict_type)
+    pairs = load_pairs(cfg, "train[:2]")
+    assert pairs == [
+        (f"Q: What is {i} + 1?\nA:", f" {i + 1}<|im_end|>", f" {i + 2}<|im_end|>")
+        for i in (0, 1)
+    ]

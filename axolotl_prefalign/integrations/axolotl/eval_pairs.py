@@ -7,20 +7,24 @@ For each held-out pair (x, y_w, y_l) the margin is
 and the accuracy is the fraction of pairs with m > 0, for the base model (the
 adapter disabled) and for the trained adapter (or full model). The pairs come from
 a `datasets:` entry of the YAML read with another `split` (Axolotl's slice syntax,
-e.g. `train[60:]` for rows the run did not train on), rendered by that entry's own
-DPO `type:` and tokenised as TRL's DPO trainer tokenises them, so they are scored
-exactly as training sees its pairs. A log-prob margin rather than DPO's implicit
+e.g. `train[60:]` for rows the run did not train on), rendered by Axolotl's own RL
+dataset loader with that entry's `type:` (any type `axolotl train` accepts: a named
+DPO strategy, `chat_template.*` with the tokenizer's template, a dict `type:`) and
+its length filter, then tokenised as TRL's DPO trainer tokenises them, so they are
+scored exactly as training sees its pairs. A log-prob margin rather than DPO's implicit
 reward: the base model's implicit reward against itself is zero for every pair.
 """
 
 from __future__ import annotations
 
-import copy
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...spa.judge import encode_like_trl, sequence_logprobs
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -58,38 +62,77 @@ class HeldOutResult:
         )
 
 
-def load_pairs(
-    cfg: Any, split: str, dataset_index: int = 0
-) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) texts of one `datasets:` entry read with `split`,
-    rendered by its DPO `type:` and the tokenizer's chat template as TRL does."""
-    from axolotl.loaders import load_tokenizer
-    from axolotl.prompt_strategies.dpo import load as load_dpo
-    from axolotl.utils.data.shared import load_dataset_with_config
+def _axolotl_rl_split(cfg: Any) -> Any:
+    """Axolotl's own RL dataset loader for `cfg.datasets`, as `axolotl train` runs
+    it for a DPO-family run: each entry read, its `type:` loaded with the config
+    and the entry's index (a dict `type:` as `user_defined.default`), the
+    tokenizer handed to transforms that take one, then the length filter."""
+    try:  # the same private function in Axolotl 0.19 and 0.21
+        from axolotl.utils.data.rl import _load_split
+    except ImportError as err:  # pragma: no cover - depends on the Axolotl release
+        raise ImportError(
+            "prefalign eval-pairs needs axolotl.utils.data.rl._load_split (Axolotl "
+            f"0.19 to 0.21); this Axolotl has none: {err}"
+        ) from err
+    return _load_split(cfg, split="train")
+
+
+def preference_dataset(cfg: Any, split: str, dataset_index: int = 0) -> Any:
+    """The prompt/chosen/rejected rows of one `datasets:` entry read with `split`,
+    rendered by Axolotl's RL loader exactly as a DPO run's training rows are."""
     from axolotl.utils.dict import DictDefault
-    from trl.data_utils import maybe_apply_chat_template
 
     entries = cfg.get("datasets") or []
     if not 0 <= dataset_index < len(entries):
         raise ValueError(
             f"--dataset {dataset_index}: the YAML has {len(entries)} datasets: entries"
         )
-    entry = DictDefault(copy.deepcopy(dict(entries[dataset_index])))
-    entry["split"] = split
-    dataset = load_dataset_with_config(entry, cfg.get("hf_use_auth_token"))
-    transform = None
-    if entry.get("type"):
-        transform = load_dpo(entry["type"], cfg, dataset_idx=dataset_index)
-        if isinstance(transform, tuple):
-            transform = transform[0]
-    tokenizer = load_tokenizer(cfg)
+    entry = DictDefault({**entries[dataset_index], "split": split})
+    with tempfile.TemporaryDirectory(prefix="prefalign-eval-pairs-") as prepared:
+        # Only this entry, in file order; Axolotl's copy of the prepared rows goes
+        # to a scratch folder, never over the training run's prepared dataset.
+        run_cfg = DictDefault(
+            {
+                **cfg,
+                "datasets": [entry],
+                "shuffle_merged_datasets": False,
+                "dataset_prepared_path": prepared,
+                "push_dataset_to_hub": None,
+            }
+        )
+        dataset = _axolotl_rl_split(run_cfg)
+    missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"datasets[{dataset_index}] ({entry.get('path')}): the rendered rows have "
+            f"no {', '.join(missing)} column (columns: {dataset.column_names}); set "
+            "the entry's type: to the DPO type of its columns, e.g. "
+            "chat_template.default"
+        )
+    return dataset
+
+
+def load_pairs(
+    cfg: Any, split: str, dataset_index: int = 0, tokenizer: Any = None
+) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) texts of one `datasets:` entry read with `split`,
+    rendered by Axolotl's RL loader and the chat template as TRL does."""
+    from axolotl.loaders import load_tokenizer
+
+    dataset = preference_dataset(cfg, split, dataset_index)
+    tokenizer = load_tokenizer(cfg) if tokenizer is None else tokenizer
+    return pair_texts(dataset, tokenizer)
+
+
+def pair_texts(dataset: Any, tokenizer: Any) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) texts of rendered preference rows, with the chat
+    template applied to conversational rows and EOS ended as TRL's DPO trainer does."""
+    from trl.data_utils import maybe_apply_chat_template
+
     eos = tokenizer.eos_token or ""
     out = []
     for row in dataset:
-        row = transform(dict(row)) if transform else dict(row)
-        row = maybe_apply_chat_template(
-            {k: row[k] for k in ("prompt", "chosen", "rejected")}, tokenizer
-        )
+        row = maybe_apply_chat_template({k: row[k] for k in PAIR_COLUMNS}, tokenizer)
         # TRL's DPO trainer ends plain-text completions with EOS.
         chosen, rejected = (
             t if not eos or t.endswith(eos) else t + eos
@@ -150,8 +193,8 @@ def evaluate_heldout(
     full model folder; default: the YAML's output_dir) on the held-out pairs."""
     from axolotl.loaders import load_tokenizer
 
-    pairs = load_pairs(cfg, split, dataset_index)
     tokenizer = load_tokenizer(cfg)
+    pairs = load_pairs(cfg, split, dataset_index, tokenizer)
     chunk = (cfg.get("prefalign") or {}).get("chunk_size")
     score = {"batch_size": batch_size, "chunk_size": chunk}
     if trained is None and cfg.get("output_dir"):
