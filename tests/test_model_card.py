@@ -347,6 +347,46 @@ def test_a_run_the_plugin_did_not_shape_keeps_its_trainers_card(tmp_path):
     assert build_spec(_cfg(tmp_path, raw), _trainer(tmp_path, [])) is None
 
 
+def test_card_names_a_string_a_dict_and_a_missing_type_from_axolotls_config(
+    tiny_model_dir, tmp_path
+):
+    from axolotl_prefalign.cli import load_config
+    from axolotl_prefalign.integrations.axolotl.model_card import write_run_card
+
+    user_defined = {"field_prompt": "question", "prompt_format": "Q: {prompt}\nA:"}
+    raw = {
+        "base_model": str(tiny_model_dir),
+        "plugins": [PLUGIN],
+        "prefalign": {"loss": "sigmoid"},
+        "rl": "dpo",
+        "datasets": [
+            {"path": "a.jsonl", "type": "chat_template.default"},
+            {"path": "b.jsonl", "type": user_defined, "split": "train[:8]"},
+            {"path": "c.jsonl"},
+        ],
+        "output_dir": str(tmp_path / "out"),
+        "sequence_len": 128,
+        "micro_batch_size": 1,
+        "learning_rate": 1e-4,
+        "num_epochs": 1,
+    }
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(path)  # Axolotl's DictDefault: the dict type is one too
+    assert type(cfg["datasets"][1]["type"]).__name__ == "DictDefault"
+    out = tmp_path / "out"
+    assert write_run_card(_trainer(out, DPO_HISTORY), cfg)
+    text = (out / "README.md").read_text()
+    assert "fine-tuned version of [None]" not in text
+    assert "| `a.jsonl` | `chat_template.default` | train |" in text
+    assert (
+        "| `b.jsonl` | `user_defined.default (field_prompt='question', "
+        "prompt_format='Q: {prompt}\\nA:')` | train[:8] |"
+    ) in text
+    assert "| `c.jsonl` | `none (the rows as they are)` | train |" in text
+    assert _parse(text).data.datasets == ["a.jsonl", "b.jsonl", "c.jsonl"]
+
+
 # -- real runs ------------------------------------------------------------------------
 
 

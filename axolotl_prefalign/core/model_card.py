@@ -246,6 +246,20 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def dataset_type_label(value: Any) -> str:
+    """A dataset entry's `type:` as a card names it: the name as written, a dict
+    `type:` as the user-defined type it runs as with its own settings, or "none"
+    for an entry whose rows are used as they are."""
+    if value is None or value == "":
+        return "none (the rows as they are)"
+    if isinstance(value, Mapping):
+        # Axolotl runs a dict type as `user_defined.default`; repr keeps a format's
+        # newlines on one table row.
+        settings = ", ".join(f"{k}={v!r}" for k, v in value.items() if v is not None)
+        return "user_defined.default" + (f" ({settings})" if settings else "")
+    return str(value)
+
+
 def metrics_table(metrics: Mapping[str, Any]) -> str:
     """Name / value rows of the run's final metrics."""
     return markdown_table(["metric", "value"], [(k, v) for k, v in metrics.items()])

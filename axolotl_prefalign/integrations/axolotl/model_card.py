@@ -27,6 +27,7 @@ from ...core.model_card import (
     CITATIONS,
     CardSpec,
     base_model_id,
+    dataset_type_label,
     framework_versions,
     markdown_table,
     metrics_table,
@@ -99,7 +100,8 @@ def run_methods(cfg: Any, raw: dict[str, Any] | None = None) -> list[str]:
     if pa.trainer_active:
         is_spa = pa.loss == "spa" or spa_iteration(cfg, raw) is not None
         methods.append(SPA if is_spa else DPO)
-    types = {d.get("type") for d in cfg.get("datasets") or []}
+    # A list, not a set: a dict `type:` (user-defined) is not hashable.
+    types = [d.get("type") for d in cfg.get("datasets") or []]
     if CONTRAST_TYPE in types:
         methods.append(CONTRAST)
     if ROBUSTFT_TYPE in types:
@@ -127,6 +129,19 @@ def _tags(methods: list[str], cfg: Any, extra: Any) -> list[str]:
 
 def _dataset_names(entries: list[Any]) -> list[str]:
     return [str(d.get("path")) for d in entries if d.get("path")]
+
+
+def _datasets_table(entries: list[Any]) -> str:
+    """Each dataset the run read: its path, `type:` and split."""
+    rows = [
+        (
+            f"`{d.get('path')}`",
+            f"`{dataset_type_label(d.get('type'))}`",
+            d.get("split") or "train",
+        )
+        for d in entries
+    ]
+    return markdown_table(["dataset", "type", "split"], rows)
 
 
 def _settings(cfg: Any, pa: PrefAlignConfig, methods: list[str]) -> str:
@@ -317,6 +332,7 @@ def build_spec(
     else:
         name = out.name
     source = raw.get("base_model") or cfg.get("base_model")
+    entries = list(raw.get("datasets") or cfg.get("datasets") or [])
     results: list[tuple[str, str]] = []
     if trainer is not None:
         results.append(
@@ -335,10 +351,10 @@ def build_spec(
         tags=_tags(methods, cfg, extra_tags),
         base_model=base_model_id(source) or base_model_id(cfg.get("base_model")),
         base_model_source=str(source) if source else None,
-        datasets=_dataset_names(raw.get("datasets") or cfg.get("datasets") or []),
+        datasets=_dataset_names(entries),
         adapter=cfg.get("adapter") in ("lora", "qlora"),
         model_id=hub or raw.get("output_dir") or cfg.get("output_dir"),
-        procedure=_settings(cfg, pa, methods),
+        procedure=_datasets_table(entries) + "\n\n" + _settings(cfg, pa, methods),
         results=results,
         citations=_citations(methods, pa),
         config_yaml=portable_yaml(text) if text else None,
