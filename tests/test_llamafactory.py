@@ -4,6 +4,7 @@ environment (tests/llamafactory_env.sh) as subprocesses."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -21,6 +22,7 @@ from axolotl_prefalign.integrations.llamafactory import launcher
 from axolotl_prefalign.integrations.llamafactory.launcher import (
     MODULE,
     LaunchError,
+    check_trained,
     check_version,
     precheck,
     processes,
@@ -306,6 +308,35 @@ def test_our_hinge_and_ipo_are_their_formulas_where_llamafactorys_are_sigmoid(
         # LLaMA-Factory 0.9.5 on trl 0.24 computes the sigmoid loss instead.
         assert r["lf_loss"] == pytest.approx(_sigmoid_loss(h, beta), rel=1e-4)
         assert r["lf_loss"] != pytest.approx(r["loss"], rel=1e-2)
+
+
+def _trainer(built: int, batches: int, ended_at=None) -> type:
+    return type(
+        "PrefAlignLFTrainer",
+        (),
+        {"built": built, "batches_seen": batches, "ended_at": ended_at},
+    )
+
+
+def test_nothing_left_to_train_is_told_apart_from_our_trainer_missing(caplog):
+    """A finished run resumed at its last step trained no batch and is fine; a
+    run our trainer never reached is an error."""
+    check_trained(_trainer(1, 3, (3, 3, None)))
+    ours = logging.getLogger("axolotl_prefalign")  # may not propagate (CLI)
+    ours.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="axolotl_prefalign"):
+            check_trained(_trainer(1, 0, (8, 8, "out/checkpoint-8")))
+    finally:
+        ours.removeHandler(caplog.handler)
+    assert (
+        "nothing left to train: resumed at step 8 of 8 from out/checkpoint-8"
+        in caplog.text
+    )
+    with pytest.raises(LaunchError, match="PrefAlignLFTrainer was never built"):
+        check_trained(_trainer(0, 0))
+    with pytest.raises(LaunchError, match="was built but computed no batch"):
+        check_trained(_trainer(1, 0, (0, 8, None)))
 
 
 @pytest.mark.slow

@@ -27,7 +27,6 @@ from typing import Any
 
 from ...core.config import PrefAlignConfig, PrefAlignConfigError, SpaConfig
 from ...core.shards import atomic_write_json, atomic_write_text, main_process_only
-from ...core.text_files import read_text
 from ...spa.loop import (
     Runner,
     expand_iteration,
@@ -37,7 +36,7 @@ from ...spa.loop import (
     stage_prefalign,
 )
 from .launcher import MODULE as LAUNCHER
-from .launcher import PAIRS_FORMATTING, log_to_stderr, read_config
+from .launcher import PAIRS_FORMATTING, log_to_stderr, read_config, read_raw
 
 MODULE = "axolotl_prefalign.integrations.llamafactory.spa_loop"
 
@@ -173,9 +172,7 @@ def run(config_path: str | Path, runner: Runner | None = None) -> dict[str, Any]
     _check(args, pa, config_path)
     view = loop_view(args, pa)
     iteration_prompts(pa.spa, pa.on_bad_row)  # bad prompt settings fail first
-    import yaml
-
-    block = yaml.safe_load(read_text(config_path)).get("prefalign")
+    block = read_raw(config_path).get("prefalign")  # as written, for the stages
     trainings = LlamaFactoryTrainings(
         args,
         block or {},
