@@ -19,6 +19,21 @@ TRAINER_CLS = "axolotl_prefalign.trainers.PrefAlignDPOTrainer"
 SFT_TRAINER_CLS = "axolotl_prefalign.trainers.ContrastSFTTrainer"
 
 
+def _stop_axolotl_telemetry() -> None:
+    """Turn Axolotl's telemetry off from here on, unless the user set it.
+
+    Axolotl decides when `axolotl` starts (its TelemetryManager, made at import of
+    `axolotl.cli.config`) and sends `config-loaded` before any plugin loads, so the
+    variable alone, set now, would change nothing: the manager is told directly.
+    """
+    if "AXOLOTL_DO_NOT_TRACK" in os.environ:
+        return  # the user's own choice, either way
+    os.environ["AXOLOTL_DO_NOT_TRACK"] = "1"
+    from axolotl.telemetry.manager import TelemetryManager
+
+    TelemetryManager.get_instance().enabled = False  # no events, no error reports
+
+
 def _use_axolotl_logging() -> None:
     # Axolotl configures handlers for its own "axolotl" logger only; ours would
     # fall through to the root logger (WARNING) and hide INFO progress messages.
@@ -189,7 +204,7 @@ class PrefAlignPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         # Runs on the raw YAML before Axolotl's schema drops unknown keys: validate
         # our block here so a typo fails loudly, and install our trainer class.
-        os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+        _stop_axolotl_telemetry()
         _use_axolotl_logging()
         pa = prefalign_config(cfg)
         _salt_dataset_hash()
