@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import yaml
 from conftest import offline_subprocess_env
 
@@ -75,6 +76,7 @@ def test_after_the_plugin_loads_axolotl_sends_no_error_report(tmp_path):
     assert out["sent"] == ["config-loaded", "system-info"]
 
 
+@pytest.mark.slow  # a second child process importing Axolotl (~20 s)
 def test_a_users_own_telemetry_choice_is_kept(tmp_path):
     out = _run(tmp_path, AXOLOTL_DO_NOT_TRACK="0")
     assert out["after"] is True
