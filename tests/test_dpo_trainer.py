@@ -398,18 +398,16 @@ def test_packed_forward_equals_padded(ours, loss):
             torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=n1)
 
 
-@pytest.mark.parametrize("how", ["zero3", "flat"])
-def test_sharded_lm_head_is_a_clear_error(ours, how):
+def test_fsdp1_flat_lm_head_is_a_clear_error(ours):
+    # ZeRO-3 and FSDP2 train (tests/test_sharded_heads.py); FSDP1 is refused.
     trainer = ours("sigmoid")
     head = trainer.model.get_base_model().get_output_embeddings()
-    if how == "zero3":
-        head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on its parameters
-    else:
-        # FSDP1 (use_orig_params): the full weight inside the head's own forward,
-        # an empty view after it, where the fused path reads it.
-        def reshard(module, args, output):
-            module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
 
-        head.register_forward_hook(reshard)
-    with pytest.raises(RuntimeError, match="does not support a sharded lm_head"):
+    # FSDP1 (use_orig_params): the full weight inside the head's own forward,
+    # an empty view after it, where the fused path reads it.
+    def reshard(module, args, output):
+        module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+    head.register_forward_hook(reshard)
+    with pytest.raises(RuntimeError, match="FSDP1's flat parameters"):
         trainer.compute_loss(trainer.model, _batch(trainer))

@@ -50,10 +50,19 @@ def test_lora_on_the_lm_head_is_refused(tiny_model):
     assert "lora_modules_to_save: [lm_head]" in str(err.value)
 
 
-def test_a_sharded_weight_is_refused(tiny_model):
+def test_an_fsdp1_flat_view_is_refused_naming_fsdp2(tiny_model):
     tiny_model.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     with (
-        pytest.raises(RuntimeError, match="does not support a sharded lm_head"),
+        pytest.raises(RuntimeError, match=r"FSDP1.*use FSDP2 \(fsdp_version: 2\)"),
         lm_head_weights(tiny_model),
     ):
         pass
+
+
+def test_through_output_leaves_an_unsharded_models_hidden_states_alone(tiny_model):
+    from axolotl_prefalign.core.heads import through_output
+
+    ids = torch.tensor([[5, 6, 7]])
+    out = tiny_model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    assert through_output(tiny_model, hidden, out) is hidden

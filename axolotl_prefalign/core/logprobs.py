@@ -164,9 +164,10 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.chunk_size, ctx.tile = chunk_size, tile
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
-        ctx.save_for_backward(
-            hidden if head_grad else None, weight, bias, index, targets, lse, grad_dir
-        )
+        # The head is kept for the backward only when it trains (a sharded head's
+        # saved weight is gathered again there: core/heads.py).
+        head = (hidden, weight, bias) if head_grad else (None, None, None)
+        ctx.save_for_backward(*head, index, targets, lse, grad_dir)
         return logps
 
     @staticmethod

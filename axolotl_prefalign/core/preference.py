@@ -27,7 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import PrefAlignConfig
-from .heads import causal_lm, lm_head_weights
+from .heads import (
+    causal_lm,
+    head_in_use,
+    head_weights,
+    lm_head_weights,
+    through_output,
+)
 from .logprobs import IGNORE_INDEX, mixed_token_logprobs, token_logprobs
 from .losses import MarginWindow, implicit_rewards, preference_loss
 
@@ -198,12 +204,13 @@ class PreferenceStep:
         with HiddenCapture(causal_lm(model).get_decoder()) as cap:
             # use_cache=False also lets transformers see packed position ids.
             # Only one position reaches the lm_head: the fused path does the rest.
-            model(**layout.model_kwargs, use_cache=False, logits_to_keep=1)
+            out = model(**layout.model_kwargs, use_cache=False, logits_to_keep=1)
         if cap.hidden is None:
             raise RuntimeError("prefalign: the decoder hook saw no hidden states")
+        hidden = through_output(model, cap.hidden, out)
         if layout.segment is not None:
-            return cap.hidden[0]
-        return cap.hidden[:, :-1]
+            return hidden[0]
+        return hidden[:, :-1]
 
     def sequence_logps(self, hidden, weight, bias, layout, *, step: int):
         lp = token_logprobs(
@@ -237,13 +244,14 @@ class PreferenceStep:
         *,
         step: int,
         logps: bool = True,
-        policy: tuple[torch.Tensor, tuple] | None = None,
+        policy: tuple[torch.Tensor, nn.Linear] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The reference's sequence log-probs (if `logps`) and, given the policy's
-        (hidden, head), the DND mix's (SPA); one no-grad reference forward.
+        (hidden, lm_head module), the DND mix's (SPA); one no-grad reference forward.
 
         The heads are read inside the reference context: with a PEFT adapter
-        disabled, the lm_head in use is the original, not the adapter's copy.
+        disabled, the lm_head in use is the original, not the adapter's copy. Both
+        are gathered (ZeRO-3, FSDP2) only after the reference forward.
         """
         ref, ctx = self.reference(model)
         ref_logps = mixed = None
@@ -253,7 +261,10 @@ class PreferenceStep:
                 if logps:
                     ref_logps = self.sequence_logps(hidden, *head, layout, step=step)
                 if policy is not None:
-                    mixed = self.mixed_logps(*policy, hidden, head, layout)
+                    with head_weights(policy[1]) as policy_head:
+                        mixed = self.mixed_logps(
+                            policy[0], policy_head, hidden, head, layout
+                        )
         return ref_logps, mixed
 
     # -- loss ----------------------------------------------------------------
@@ -273,15 +284,16 @@ class PreferenceStep:
         hidden = self.hidden_states(model, layout)
         cached = "ref_chosen_logps" in inputs
         ref_logps = mixed = None
-        # The policy's head is read after its forward, before the reference
+        # The policy's head is picked after its forward, before the reference
         # context switches the adapter (and its lm_head copy) off.
-        with lm_head_weights(model) as head:
+        policy_head = head_in_use(model)
+        with head_weights(policy_head) as head:
             logps = self.sequence_logps(hidden, *head, layout, step=step)
-            if self.dnd_lambda > 0 or not cached:
-                policy = (hidden, head) if self.dnd_lambda > 0 else None
-                ref_logps, mixed = self.reference_pass(
-                    model, layout, step=step, logps=not cached, policy=policy
-                )
+        if self.dnd_lambda > 0 or not cached:
+            policy = (hidden, policy_head) if self.dnd_lambda > 0 else None
+            ref_logps, mixed = self.reference_pass(
+                model, layout, step=step, logps=not cached, policy=policy
+            )
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
         if cached:
             ref_chosen = inputs["ref_chosen_logps"].to(logps)
