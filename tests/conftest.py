@@ -228,3 +228,94 @@ def llamafactory_python() -> str:
             pytest.fail(problem + " (PREFALIGN_REQUIRE_LLAMAFACTORY=1)")
         pytest.skip(problem + " (bash tests/llamafactory_env.sh)")
     return python
+
+
+# -- one real SPA loop, shared ---------------------------------------------------------
+
+SPA_SEED = [
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Berlin"},
+    {"prompt": "Say yes.", "chosen": "yes", "rejected": "no"},
+    {"prompt": "Colour of grass?", "chosen": "green", "rejected": "blue"},
+]
+SPA_GOLD_OPTIONS = ["Paris", "London", "Berlin", "Madrid"]
+
+
+@pytest.fixture(scope="session")
+def spa_real_loop(tmp_path_factory, tiny_model_dir):
+    """`axolotl prefalign spa` run once for real (seed DPO + 2 iterations of
+    `axolotl train` / `merge-lora` / `spa-expand` subprocesses on the tiny model),
+    on prompts with gold answers; the loop and gold tests each check their part of
+    it. Returns a namespace: out, cmd, env, cwd, seed, prompts, proc."""
+    import json
+    import subprocess
+    import sys
+    import types
+
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("spa-real-loop")
+    seed = tmp / "seed.jsonl"
+    seed.write_text("".join(json.dumps(r) + "\n" for r in SPA_SEED))
+    prompts = tmp / "mc.jsonl"
+    gold = [
+        {"q": f"Question {k}?", "answer": "ABCD"[k % 4], "choices": SPA_GOLD_OPTIONS}
+        for k in range(6)
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in gold))
+    source = {
+        "path": str(prompts),
+        "field": "q",
+        "gold_field": "answer",
+        "gold_options_field": "choices",
+    }
+    raw = {
+        "base_model": str(tiny_model_dir),
+        "plugins": ["axolotl_prefalign.PrefAlignPlugin"],
+        "prefalign": {
+            "loss": "spa",
+            "fused_logprobs": True,
+            "spa": {
+                "iterations": 2,
+                "seed_epochs": 1,
+                "max_new_tokens": 8,
+                "prompts": [source],
+                "prompts_per_iteration": [3, 3],
+            },
+        },
+        "rl": "dpo",
+        "datasets": [
+            {
+                "path": str(seed),
+                "ds_type": "json",
+                "split": "train",
+                "type": "axolotl_prefalign.spa_pairs",
+            }
+        ],
+        "output_dir": str(tmp / "out"),
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_linear": True,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "logging_steps": 1,
+        "save_strategy": "epoch",
+        "sequence_len": 256,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+    }
+    path = tmp / "spa.yml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "axolotl.cli.main", "prefalign", "spa", str(path)]
+    proc = subprocess.run(
+        cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900
+    )
+    return types.SimpleNamespace(
+        out=tmp / "out", cmd=cmd, env=env, cwd=tmp, seed=seed, prompts=prompts,
+        proc=proc,
+    )  # fmt: skip

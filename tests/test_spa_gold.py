@@ -753,68 +753,14 @@ def test_expansion_on_the_tiny_model_and_its_gold_report(
 
 
 @pytest.mark.slow
-def test_real_loop_records_flags_and_reports_gold(tmp_path, tiny_model_dir):
-    """`axolotl prefalign spa` with real subprocess stages on the tiny model: the
-    pair ids reach Axolotl's trainer through its RL data loader, the SPA loss
-    records every trained pair's flags, and each iteration has its gold report."""
-    import os
-    import subprocess
-    import sys
-
-    seed = _jsonl(
-        tmp_path / "seed.jsonl",
-        [
-            {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
-            {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
-        ],
-    )
-    prompts = _jsonl(tmp_path / "mc.jsonl", _gold_rows(6))
-    raw = {
-        "base_model": str(tiny_model_dir),
-        "plugins": [PLUGIN],
-        "prefalign": {
-            "loss": "spa",
-            "fused_logprobs": True,
-            "spa": {
-                "iterations": 2,
-                "seed_epochs": 1,
-                "max_new_tokens": 8,
-                "prompts": [
-                    {"path": str(prompts), "field": "q", "gold_field": "answer",
-                     "gold_options_field": "choices"}
-                ],
-            },
-        },
-        "rl": "dpo",
-        "datasets": [
-            {"path": str(seed), "ds_type": "json", "split": "train",
-             "type": "axolotl_prefalign.spa_pairs"}
-        ],
-        "output_dir": str(tmp_path / "out"),
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_target_linear": True,
-        "micro_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "logging_steps": 1,
-        "save_strategy": "epoch",
-        "sequence_len": 256,
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-    }  # fmt: skip
-    path = tmp_path / "spa.yml"
-    path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "axolotl.cli.main", "prefalign", "spa", str(path)]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
+def test_real_loop_records_flags_and_reports_gold(spa_real_loop):
+    """`axolotl prefalign spa` with real subprocess stages on the tiny model (shared
+    with the loop's end-to-end test: conftest.spa_real_loop): the pair ids reach
+    Axolotl's trainer through its RL data loader, the SPA loss records every trained
+    pair's flags, and each iteration has its gold report."""
+    proc = spa_real_loop.proc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / "out"
+    out = spa_real_loop.out
     for i in (1, 2):
         d = out / f"iter_{i}"
         pairs = list(read_shards(d / "pairs"))

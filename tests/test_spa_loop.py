@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -625,68 +623,14 @@ def test_vllm_without_one_model_folder(tmp_path, tiny_model_dir, monkeypatch, ba
 
 
 @pytest.mark.slow
-def test_spa_loop_end_to_end_on_the_cpu(tmp_path, tiny_model_dir):
+def test_spa_loop_end_to_end_on_the_cpu(spa_real_loop):
     """Seed DPO + 2 iterations with real `axolotl train` / `merge-lora` /
-    `spa-expand` subprocesses on the tiny model."""
-    seed = _jsonl(
-        tmp_path / "seed.jsonl",
-        [
-            {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
-            {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Berlin"},
-            {"prompt": "Say yes.", "chosen": "yes", "rejected": "no"},
-            {"prompt": "Colour of grass?", "chosen": "green", "rejected": "blue"},
-        ],
-    )
-    prompts = _prompt_file(tmp_path / "prompts.jsonl", 6)
-    raw = {
-        "base_model": str(tiny_model_dir),
-        "plugins": [PLUGIN],
-        "prefalign": {
-            "loss": "spa",
-            "fused_logprobs": True,
-            "spa": {
-                "iterations": 2,
-                "seed_epochs": 1,
-                "max_new_tokens": 8,
-                "prompts": [{"path": str(prompts)}],
-                "prompts_per_iteration": [3, 3],
-            },
-        },
-        "rl": "dpo",
-        "datasets": [
-            {
-                "path": str(seed),
-                "ds_type": "json",
-                "split": "train",
-                "type": "axolotl_prefalign.spa_pairs",
-            }
-        ],  # fmt: skip
-        "output_dir": str(tmp_path / "out"),
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_target_linear": True,
-        "micro_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 2,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "logging_steps": 1,
-        "save_strategy": "epoch",
-        "sequence_len": 256,
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-    }
-    path = tmp_path / "spa.yml"
-    path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "axolotl.cli.main", "prefalign", "spa", str(path)]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
+    `spa-expand` subprocesses on the tiny model (the run is shared with the gold
+    report's test: conftest.spa_real_loop)."""
+    run = spa_real_loop
+    proc, cmd, env, seed, prompts = run.proc, run.cmd, run.env, run.seed, run.prompts
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / "out"
+    out = run.out
     state = json.loads((out / "spa_state.json").read_text())
     assert list(state["stages"]) == STAGES
     summary = json.loads((out / "spa_summary.json").read_text())
@@ -723,7 +667,7 @@ def test_spa_loop_end_to_end_on_the_cpu(tmp_path, tiny_model_dir):
     logs = stage_logs()
     assert len(logs) == 8
     again = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        cmd, cwd=run.cwd, env=env, capture_output=True, text=True, timeout=300
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert stage_logs() == logs
