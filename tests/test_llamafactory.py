@@ -265,6 +265,7 @@ def _sigmoid_loss(h: list[float], beta: float) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_two_step_llamafactory_dpo_loss_equals_llamafactorys_sigmoid(
     tmp_path, tiny_model_dir
 ):
@@ -289,6 +290,7 @@ def test_two_step_llamafactory_dpo_loss_equals_llamafactorys_sigmoid(
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_our_hinge_and_ipo_are_their_formulas_where_llamafactorys_are_sigmoid(
     tmp_path, tiny_model_dir
 ):
@@ -340,6 +342,7 @@ def test_nothing_left_to_train_is_told_apart_from_our_trainer_missing(caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_a_run_our_trainer_did_not_train_fails_loudly(tmp_path, tiny_model_dir):
     python = llamafactory_python()
     config = lf_config(tmp_path, tiny_model_dir, max_steps=1)
@@ -352,6 +355,7 @@ def test_a_run_our_trainer_did_not_train_fails_loudly(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_cli_trains_spa_loss_with_llamafactory(tmp_path, tiny_model_dir):
     """`prefalign llamafactory train` as a user runs it: SPA's self-refined loss
     with DND, its metrics in LLaMA-Factory's log."""
@@ -373,6 +377,7 @@ def test_cli_trains_spa_loss_with_llamafactory(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_cli_bad_pair_row_is_one_line_naming_file_and_line(tmp_path, tiny_model_dir):
     python = llamafactory_python()
     config = lf_config(tmp_path, tiny_model_dir)
@@ -473,6 +478,7 @@ def test_spa_loop_needs_a_dpo_config_with_spa(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_spa_loop_through_llamafactory_end_to_end_and_resumes(tmp_path, tiny_model_dir):
     """The sample SPA loop on the tiny model: seed DPO, merge, expansion with our
     judge, an SPA iteration through our LLaMA-Factory trainer, merge; a rerun
@@ -522,6 +528,7 @@ def test_spa_loop_through_llamafactory_end_to_end_and_resumes(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_dpo_sample_trains_with_our_trainer(tmp_path, tiny_model_dir):
     python = llamafactory_python()
     config = _lf_example("dpo_prefalign.yaml", tmp_path, tiny_model_dir)
@@ -534,6 +541,7 @@ def test_dpo_sample_trains_with_our_trainer(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_export_samples_train_through_the_launcher(tmp_path, tiny_model_dir):
     """contrast_sft / spa_dpo / robustft_sft on what `axolotl prefalign export`
     wrote: each trains two steps in LLaMA-Factory (SFT passes through, DPO is ours)."""
@@ -581,6 +589,7 @@ def _denoise_sample(tmp_path: Path, model_dir: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_denoise_sample_writes_a_dataset_llamafactory_then_trains(
     tmp_path, smollm2_dir
 ):
@@ -620,6 +629,7 @@ def test_denoise_sample_writes_a_dataset_llamafactory_then_trains(
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_denoise_that_keeps_no_row_is_an_error_and_writes_nothing(
     tmp_path, tiny_model_dir
 ):

@@ -174,6 +174,7 @@ def matrix(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_llamafactory_preference_format_trains_with_our_trainer(matrix, name):
     (_, loss, system, history) = FORMATS[name]
@@ -194,6 +195,7 @@ def test_llamafactory_preference_format_trains_with_our_trainer(matrix, name):
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_exponent_learning_rate_and_overrides_train(matrix):
     """`learning_rate: 5e-6` trains (it crashed the optimizer as a string) and
     `key=value` overrides apply: one step, sigmoid instead of the YAML's hinge."""
@@ -210,6 +212,7 @@ def test_exponent_learning_rate_and_overrides_train(matrix):
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_our_reader_gives_what_llamafactorys_read_args_gives(matrix):
     (read,) = matrix["read_args"]
     assert read["ours"] == read["theirs"]
@@ -218,6 +221,7 @@ def test_our_reader_gives_what_llamafactorys_read_args_gives(matrix):
 
 
 @pytest.mark.slow
+@pytest.mark.llamafactory_env
 def test_a_finished_run_started_again_has_nothing_to_train_and_succeeds(matrix):
     first, again = matrix["runs"]["rerun"]
     assert first["error"] is None and first["batches_seen"] == 2
