@@ -96,7 +96,7 @@ def sequence_logliks(model: Any, batch: dict[str, Any]) -> list[float]:
 def answer_token_logprobs(model: Any, batch: dict[str, Any]) -> Any:
     """log p of every labelled token of a `padded_batch`, [B, T-1] (0 elsewhere);
     differentiable, so the cross-fitting SFT loss is its negative mean."""
-    from ..core.heads import causal_lm, lm_head_weights
+    from ..core.heads import causal_lm, lm_head_weights, through_output
     from ..core.logprobs import token_logprobs
     from ..core.preference import HiddenCapture
 
@@ -104,7 +104,7 @@ def answer_token_logprobs(model: Any, batch: dict[str, Any]) -> Any:
     batch = {k: v.to(device) for k, v in batch.items()}
     with HiddenCapture(causal_lm(model).get_decoder()) as cap:
         # Only one position reaches the lm_head: the fused path does the rest.
-        model(
+        out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             use_cache=False,
@@ -112,7 +112,8 @@ def answer_token_logprobs(model: Any, batch: dict[str, Any]) -> Any:
         )
     with lm_head_weights(model) as (weight, bias):
         labels = batch["labels"][:, 1:]
-        return token_logprobs(cap.hidden[:, :-1], weight, labels, bias=bias)
+        hidden = through_output(model, cap.hidden, out)  # FSDP2's backward hooks
+        return token_logprobs(hidden[:, :-1], weight, labels, bias=bias)
 
 
 def option_probs(logliks: Sequence[float]) -> list[float]:
