@@ -24,7 +24,9 @@ back through the autograd graph of the parameter (ZeRO-3: into the parameter, wh
 DeepSpeed hook reduce-scatters it; FSDP2: through `full_tensor`'s backward, a
 reduce-scatter averaged like FSDP's own). Every gather runs once per `with` (and
 once per backward) on every rank whatever its batch holds, so no rank waits alone.
-FSDP1's flat parameters are refused. Models that post-process their logits, and
+Under FSDP2, hidden states captured inside the forward go through `through_output`,
+so that the backward re-gathers the root's resharded parameters. FSDP1's flat
+parameters are refused. Models that post-process their logits, and
 heads the path cannot reproduce (LoRA on the lm_head itself), are refused with the
 setting to change.
 """
