@@ -22,7 +22,7 @@ import hashlib
 import logging
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,8 @@ IGNORE_INDEX = -100
 TYPE_NAME = "axolotl_prefalign.contrast"
 NEGATIVE_LABELS = "negative_labels"
 _STATUS = "_prefalign_contrast_status"
+# The source row of each rendered row, kept while the rows are put in training order.
+_ROW = "_prefalign_contrast_row"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "en": {
@@ -280,8 +282,12 @@ class ContrastFormat:
         sequence_len: int = 2048,
         source: str = "contrast dataset",
         on_bad_row: str = "error",
+        order_rows: Callable[[Any, list[int]], list[int]] | None = None,
     ):
         self.tokenizer = tokenizer
+        # (raw dataset, source rows of the rendered rows) -> their training order
+        # as positions in the rendered rows; None keeps file order.
+        self.order_rows = order_rows
         self.config = config or ContrastConfig()
         self.sequence_len = sequence_len
         self.source = source
@@ -545,9 +551,10 @@ class ContrastFormat:
             encoded = self.encode_pair(parse_row(row, self.config.fields), index)
         except RowProblem as err:
             empty = self.features(EncodedRow([], [], False))
-            return {**empty, _STATUS: f"bad\t{err.field or ''}\t{err.problem}"}
+            bad = f"bad\t{err.field or ''}\t{err.problem}"
+            return {**empty, _STATUS: bad, _ROW: index}
         status = list(encoded.truncation) + (["positive_only"] * encoded.positive_only)
-        return {**self.features(encoded), _STATUS: ",".join(status)}
+        return {**self.features(encoded), _STATUS: ",".join(status), _ROW: index}
 
     def wrap_dataset(
         self,
@@ -600,7 +607,11 @@ class ContrastFormat:
             for tag in s.split(",")
         )
         self._log_counts(len(statuses) - len(bad), counts)
-        return mapped.remove_columns(_STATUS)
+        if self.order_rows is not None:
+            # After rendering: the positive-only choice and the row numbers of
+            # error messages stay those of the file.
+            mapped = mapped.select(self.order_rows(dataset, mapped[_ROW]))
+        return mapped.remove_columns([_STATUS, _ROW])
 
     def _log_counts(self, n_rows: int, counts: Counter) -> None:
         if n_rows:

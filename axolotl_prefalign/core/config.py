@@ -94,6 +94,27 @@ class ContrastConfig(_Strict):
         "tokens (0 = plain SFT, no extra column).",
     )
     seed: int = Field(42, description="Seed of the positive-only row choice.")
+    curriculum: Literal["margin", "length"] | None = Field(
+        None,
+        description="Train the rows from easy to hard instead of shuffled: margin = "
+        "the base model's summed log-prob of the chosen answer minus the rejected "
+        "one after the contrast prompt (large = easy; computed once and cached), "
+        "length = tokens of both answers (short = easy). Needs Axolotl's "
+        "curriculum_sampling: true.",
+    )
+    curriculum_order: Literal["easy_first", "hard_first"] = Field(
+        "easy_first",
+        description="easy_first (curriculum learning) or hard_first (anti-curriculum).",
+    )
+    curriculum_batch_size: int = Field(
+        8, ge=1, description="Pairs per forward pass when scoring margins."
+    )
+    curriculum_cache_dir: str | None = Field(
+        None,
+        description="Where scored margins are kept (one folder per model, data and "
+        "settings); default <dataset_prepared_path>/prefalign_curriculum, else "
+        "~/.cache/axolotl_prefalign/curriculum.",
+    )
     fields: ContrastFields = Field(default_factory=ContrastFields)
 
     @model_validator(mode="before")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from ...contrast import curriculum
 from ...contrast.format import TYPE_NAME, ContrastFormat
 from ...contrast.preview import print_preview
 from ...core.config import prefalign_config
 from ...core.local_data import entry_get, read_entry
+from ...core.models import cache_dir
 
 
 def _source_name(ds_cfg: Any) -> str:
@@ -27,12 +30,76 @@ def load(tokenizer: Any, cfg: Any, ds_cfg: Any = None) -> ContrastFormat:
     # while the format itself stays free of Axolotl.
     DatasetWrappingStrategy.register(ContrastFormat)
     pa = prefalign_config(cfg)
-    return ContrastFormat(
+    fmt = ContrastFormat(
         tokenizer,
         pa.contrast,
         sequence_len=int(cfg.get("sequence_len") or 2048),
         source=_source_name(ds_cfg),
         on_bad_row=pa.on_bad_row,
+    )
+    if pa.contrast.curriculum:
+        fmt.order_rows = lambda rows, indices: curriculum.order_rows(
+            fmt,
+            rows,
+            indices,
+            load_model=lambda: load_scoring_model(cfg),
+            model_key=scoring_model_key(cfg),
+            cache_dir=curriculum_cache_dir(cfg),
+        )
+    return fmt
+
+
+def curriculum_cache_dir(cfg: Any) -> Path:
+    """prefalign.contrast.curriculum_cache_dir, else beside the prepared data, else
+    the package cache."""
+    own = prefalign_config(cfg).contrast.curriculum_cache_dir
+    if own:
+        return Path(own).expanduser()
+    prepared = cfg.get("dataset_prepared_path")
+    if prepared:
+        return Path(prepared) / "prefalign_curriculum"
+    return cache_dir() / "curriculum"
+
+
+def _scoring_dtype(cfg: Any) -> Any:
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    if cfg.get("bf16") in (True, "auto") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16 if cfg.get("fp16") else torch.float32
+
+
+def scoring_model_key(cfg: Any) -> str:
+    """The base model's files and the way it is loaded for scoring."""
+    files = curriculum.model_files_key(
+        cfg.get("base_model"), cfg.get("revision_of_model")
+    )
+    return f"{files}:{_scoring_dtype(cfg)}:4bit={bool(cfg.get('load_in_4bit'))}"
+
+
+def load_scoring_model(cfg: Any) -> Any:
+    """The base model (no adapter) that scores the curriculum margins: the config's
+    dtype on the first GPU (4-bit with load_in_4bit), fp32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = _scoring_dtype(cfg)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        if cfg.get("load_in_4bit"):
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+            )
+    return AutoModelForCausalLM.from_pretrained(
+        cfg.get("base_model"),
+        trust_remote_code=cfg.get("trust_remote_code") is True,
+        revision=cfg.get("revision_of_model"),
+        **kwargs,
     )
 
 

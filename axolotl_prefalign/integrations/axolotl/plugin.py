@@ -195,6 +195,41 @@ def _reject_unsupported_heads(cfg: dict) -> None:
         )
 
 
+def _curriculum_order_kept(cfg: dict, curriculum: str | None) -> None:
+    # Axolotl shuffles the prepared rows (merge) and samples them at random unless
+    # told otherwise; a curriculum it shuffles away would train as plain SFT.
+    if not curriculum:
+        return
+    from ...contrast.format import TYPE_NAME
+
+    entries = list(cfg.get("datasets") or [])
+    fixes = []
+    if not any((d or {}).get("type") == TYPE_NAME for d in entries):
+        raise PrefAlignConfigError(
+            f"prefalign.contrast.curriculum: {curriculum} orders the rows of a "
+            f"`type: {TYPE_NAME}` dataset, but no entry of datasets has that type"
+        )
+    if cfg.get("curriculum_sampling") is not True:
+        fixes.append("curriculum_sampling: true (else rows are sampled at random)")
+    if len(entries) > 1 and cfg.get("shuffle_merged_datasets") is not False:
+        fixes.append(
+            f"shuffle_merged_datasets: false (the {len(entries)} datasets are "
+            "merged and shuffled; Axolotl's default is true)"
+        )
+    if len(entries) > 1 and cfg.get("shuffle_before_merging_datasets"):
+        fixes.append("shuffle_before_merging_datasets: false")
+    if cfg.get("sample_packing") and not cfg.get("sample_packing_sequentially"):
+        fixes.append(
+            "sample_packing_sequentially: true (packing otherwise regroups rows "
+            "by length)"
+        )
+    if fixes:
+        raise PrefAlignConfigError(
+            f"prefalign.contrast.curriculum: {curriculum} puts the rows in order, "
+            "but this config would shuffle them; set " + "; set ".join(fixes)
+        )
+
+
 class PrefAlignPlugin(BasePlugin):
     """SPA, plaintext contrast SFT, RobustFT and a fused log-prob path for Axolotl."""
 
@@ -212,6 +247,7 @@ class PrefAlignPlugin(BasePlugin):
         precheck_datasets(cfg, pa)
         _resolve_default_model(cfg)
         _cpu_safe_lora_kernels(cfg)
+        _curriculum_order_kept(cfg, pa.contrast.curriculum)
         if pa.trainer_active:
             rl = cfg.get("rl")
             rl = getattr(rl, "value", rl)
