@@ -12,6 +12,7 @@ from axolotl.integrations.base import BasePlugin
 from ...core.config import PrefAlignConfigError, prefalign_config
 from ...core.models import DEFAULT_MODEL_ALIAS
 from .dataset_check import precheck_datasets
+from .scale_out import check_scale_out
 
 LOG = logging.getLogger("axolotl_prefalign")
 
@@ -259,6 +260,7 @@ class PrefAlignPlugin(BasePlugin):
                 )
             _reject_conflicting_dpo_keys(cfg)
             _reject_unsupported_heads(cfg)
+            check_scale_out(cfg)
             self._install_trainer(cfg, TRAINER_CLS)
         elif pa.contrast.unlikelihood_weight > 0 and not cfg.get("rl"):
             self._install_trainer(cfg, SFT_TRAINER_CLS)
