@@ -41,3 +41,37 @@ def test_logprob_path_benchmark_runs_plain_fused_and_trl_side_by_side(tmp_path):
         assert case[impl]["peak_bytes"] > 0 and case[impl]["median_s"] > 0
     assert case["mem_plain_over_fused"] > 1
     assert "| fused |" in proc.stdout and "| trl |" in proc.stdout
+
+
+def test_contrast_vs_dpo_benchmark_counts_forward_passes_per_arm(tmp_path):
+    """--quick: every arm trains on the same pairs; forward passes are counted."""
+    out = tmp_path / "cvd.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "contrast_vs_dpo.py"),
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    arms = report["results"]["llama128k"]
+    assert set(arms) == {"contrast", "prefalign", "prefalign_packed", "stock"}
+    counted = {
+        a: (r["forward_calls_per_step"], r["sequence_forwards_per_pair"])
+        for a, r in arms.items()
+    }
+    # Contrast: one row per pair, one forward; DPO: policy + reference passes.
+    assert counted["contrast"] == (1, 1)
+    assert counted["prefalign_packed"] == (2, 2)
+    assert counted["prefalign"] == counted["stock"] == (2, 4)
+    # One contrast row: the prompt once, both answers (8 + 2 × 23 words) and one
+    # EOS; a DPO pair is 2 × 32 tokens (each side's EOS included).
+    assert arms["contrast"]["row_tokens_per_step"] == 8 + 2 * 23 + 1
+    assert all(r["step_s_median"] > 0 for r in arms.values())
+    assert "| llama128k | contrast |" in proc.stdout
