@@ -35,6 +35,7 @@ fake at 1, 2 and 4 decoder layers, the peak is fitted as a + b·L and extrapolat
 
     python benchmarks/memory_predict.py            # ~13 min on one core
     python benchmarks/memory_predict.py --quick    # tiny shapes, seconds (tests)
+    python benchmarks/memory_predict.py --sharded  # per rank, ZeRO-3 / FSDP2 (~2 min)
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ LLAMA3_8B_WIDTH = {
     "heads": 32,
     "kv_heads": 8,
     "intermediate": 14336,
+}
+# Llama-3-70B (and 3.1/3.3-70B): 80 layers of this width.
+LLAMA3_70B_WIDTH = {
+    "vocab": 128256,
+    "hidden": 8192,
+    "heads": 64,
+    "kv_heads": 8,
+    "intermediate": 28672,
 }
 SETTINGS = {
     "full": {
@@ -347,9 +356,10 @@ def _nf4_fake_weight(weight, module):
     return p
 
 
-def build_fake_base(shapes: dict):
+def build_fake_base(shapes: dict, nf4: bool = True):
     """gpu_dpo_24gb.build_model under FakeTensorMode: the same LlamaForCausalLM in
-    bf16, every decoder nn.Linear swapped for a bitsandbytes NF4 Linear4bit."""
+    bf16, every decoder nn.Linear swapped for a bitsandbytes NF4 Linear4bit (or, with
+    `nf4=False`, left in bf16: LoRA on a bf16 base)."""
     import bitsandbytes as bnb
     import gpu_dpo_24gb as g
     from torch import nn
@@ -363,7 +373,7 @@ def build_fake_base(shapes: dict):
         (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and name != "lm_head"
+        if nf4 and type(child) is nn.Linear and name != "lm_head"
     ]
     for parent, name in targets:
         child = getattr(parent, name)
@@ -383,7 +393,7 @@ def build_fake_base(shapes: dict):
         setattr(parent, name, q)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.is_loaded_in_4bit = True
+    model.is_loaded_in_4bit = nf4
     return model
 
 
@@ -409,16 +419,26 @@ def _fake_module_to():
         yield
 
 
-def build(setup: Setup, model_spec: dict, layers: int, seq: int, fake: bool = False):
+def build(
+    setup: Setup,
+    model_spec: dict,
+    layers: int,
+    seq: int,
+    fake: bool = False,
+    nf4: bool = True,
+):
     """The QLoRA model as gpu_check._prepare leaves it on CUDA (bf16 everywhere it
-    is not NF4), AdamW (foreach) with its states already there (as after step 1)."""
+    is not NF4; `nf4=False`, fake only: LoRA on a bf16 base), AdamW (foreach) with
+    its states already there (as after step 1)."""
     import gpu_dpo_24gb as g
     from peft import LoraConfig, get_peft_model
 
     shapes = {**model_spec, "layers": layers, "seq": seq, "attn": "sdpa"}
     if fake:
-        base = build_fake_base(shapes)
+        base = build_fake_base(shapes, nf4=nf4)
     else:
+        if not nf4:
+            raise ValueError("nf4=False is built fake only (no CPU bf16 path here)")
         base, _ = g.build_model(shapes, "cpu", torch.bfloat16)
     lora = LoraConfig(
         r=16,
@@ -463,7 +483,15 @@ def loss_fn(setup: Setup, model, config: str):
     return fn, about["impl"]
 
 
-def measure(setup: Setup, model_spec: dict, layers: int, seq: int, config: str, mode):
+def measure(
+    setup: Setup,
+    model_spec: dict,
+    layers: int,
+    seq: int,
+    config: str,
+    mode,
+    nf4: bool = True,
+):
     """Live bytes of one step: baseline (before), peak, what is left after."""
     t0 = time.perf_counter()
     fake = None
@@ -475,7 +503,7 @@ def measure(setup: Setup, model_spec: dict, layers: int, seq: int, config: str, 
     with ctx:
         torch.manual_seed(0)
         model, params, optimizer = build(
-            setup, model_spec, layers, seq, fake=fake is not None
+            setup, model_spec, layers, seq, fake=fake is not None, nf4=nf4
         )
     batch = setup.gc.pair_batch(torch, seq, model_spec["vocab"], "cpu", 0)
     fn, impl = loss_fn(setup, model, config)
@@ -759,8 +787,18 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
+    ap.add_argument(
+        "--sharded",
+        action="store_true",
+        help="per-rank peaks under ZeRO-3 / FSDP2 (memory_sharded.py; "
+        "default JSON: results/memory_predict_sharded_cpu.json)",
+    )
     ap.add_argument("--out", help="JSON path (default: results/memory_predict_cpu.json")
     args = ap.parse_args(argv)
+    if args.sharded:
+        import memory_sharded
+
+        return memory_sharded.main(quick=args.quick, out=args.out)
     settings = SETTINGS["quick" if args.quick else "full"]
     report = run(settings, args.quick)
     out = Path(args.out) if args.out else None
