@@ -449,6 +449,11 @@ def expand_iteration(
     if done is not None:
         LOG.info("SPA iteration %d: expansion already complete in %s", iteration, out)
         return done
+    LOG.info(
+        "SPA iteration %d: generation and judging run in this one process, on one "
+        "device (only the train stages run on several processes)",
+        iteration,
+    )
     if backend == "vllm":
         if spec.vllm_path is None:
             raise SpaLoopError(
@@ -483,11 +488,39 @@ def expand_iteration(
 # -- stages ----------------------------------------------------------------------
 
 
+# What torchrun / accelerate give each process of a launch: a stage started from a
+# loop that itself runs under one would join that launch's group (and wait for
+# ranks that never come) instead of starting its own processes.
+LAUNCH_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def stage_env() -> dict[str, str]:
+    """The environment of a stage subprocess: the caller's (HF_HUB_OFFLINE
+    included), no telemetry, and none of the launch variables of a multi-process
+    launch the loop may itself run under."""
+    env = {"AXOLOTL_DO_NOT_TRACK": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+    if "RANK" in env or "LOCAL_RANK" in env:
+        for key in [*LAUNCH_ENV, *(k for k in env if k.startswith("TORCHELASTIC_"))]:
+            env.pop(key, None)
+    return env
+
+
 def run_command(cmd: list[str], log_path: Path) -> None:
     """Run one stage as a subprocess, teeing its output to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # Inherit the caller's environment (HF_HUB_OFFLINE included); no telemetry.
-    env = {"AXOLOTL_DO_NOT_TRACK": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+    env = stage_env()
     LOG.info("SPA: running %s (log: %s)", " ".join(cmd), log_path)
     with (
         open(log_path, "w", encoding="utf-8") as log,

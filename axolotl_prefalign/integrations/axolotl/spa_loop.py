@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,24 @@ def stage_config(
     )
     if c.get("rl_beta") is None and not (c.get("trl") or {}).get("beta"):
         c["rl_beta"] = spa.beta
+    ds = c.get("deepspeed")
+    if isinstance(ds, str) and os.path.isfile(ds):
+        # Axolotl opens the path from the working directory; the stage's YAML
+        # lives in iter_<i>/ and may be rerun from elsewhere.
+        c["deepspeed"] = os.path.abspath(ds)
     return c
+
+
+def check_stage_launch(raw: dict[str, Any], spa: SpaConfig) -> None:
+    """Say when the YAML shards the model but the stages start one process."""
+    sharded = [k for k in ("deepspeed", "fsdp_config", "fsdp") if raw.get(k)]
+    if sharded and spa.launcher == "python":
+        LOG.warning(
+            "SPA: %s reach every train stage, but prefalign.spa.launcher: python "
+            "starts one process per stage; set prefalign.spa.launcher: accelerate "
+            "(or torchrun) to train on all GPUs",
+            " and ".join(sharded),
+        )
 
 
 def run_from_config(
@@ -141,6 +159,7 @@ def run_from_config(
     pa = prefalign_config(cfg)
     spa = pa.spa
     iteration_prompts(spa, pa.on_bad_row)  # bad prompt settings fail before training
+    check_stage_launch(raw, spa)
     out = Path(cfg.get("output_dir")).resolve()
     base = original_base(cfg)
     tok = cfg.get("tokenizer_config")
