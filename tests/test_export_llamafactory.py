@@ -527,6 +527,8 @@ def test_sample_yamls_name_the_exported_datasets():
     # .yaml, not .yml: tests/test_config.py validates every *.yml as an Axolotl YAML.
     # The launcher's own samples (run by tests/test_llamafactory.py) read data/.
     launcher = ["dpo_prefalign.yaml", "robustft_denoise.yaml", "spa_loop.yaml"]
+    # Its sharded variants (checked by tests/test_launchers.py).
+    launcher += ["dpo_prefalign_zero3.yaml", "dpo_prefalign_fsdp.yaml"]
     assert sorted(p.name for p in LF_SAMPLES.glob("*.yaml")) == sorted(
         [*names, *launcher]
     )

@@ -16,7 +16,10 @@ registers our dataset converters, puts `PrefAlignLFTrainer` where `run_dpo` look
   `axolotl prefalign export` wrote), with our converters registered.
 - More than one process (several GPUs, or FORCE_TORCHRUN=1): the launcher
   re-launches itself under torchrun, so that every process installs the trainer
-  (`llamafactory-cli`'s own re-launch would lose it).
+  (`llamafactory-cli`'s own re-launch would lose it); a `deepspeed:` config goes
+  along in the YAML. Under `accelerate launch --config_file FSDP.yaml -m MODULE`
+  each process runs the launcher itself (no re-launch). DPO under FSDP1, or ZeRO-3
+  with `additional_target: lm_head`, stops first (scale_out.py).
 """
 
 from __future__ import annotations
@@ -302,6 +305,10 @@ def train(config: str | Path, overrides: Sequence[str] = ()) -> None:
 
         args["model_name_or_path"] = str(prepare_default_model())
     pa = resolve(args, pa)
+    if args.get("stage") == "dpo":
+        from .scale_out import check_scale_out
+
+        check_scale_out(args, os.environ)
     nproc = processes()
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         cmd = torchrun_command(config, nproc, overrides)
