@@ -507,8 +507,23 @@ def test_sft_chosen_is_the_contrast_run_without_negatives(mods, tmp_path):
     assert chosen["output_dir"] != contrast["output_dir"]
     for key in ("datasets", "num_epochs", "micro_batch_size", "learning_rate"):
         assert chosen[key] == contrast[key]
+    # the curriculum arm: the contrast run, its rows ordered and sampled in order
+    ordered = mods.prefs.contrast_cfg(tmp_path, data, args, 0, "contrast_curriculum")
+    assert ordered["prefalign"]["contrast"] == {
+        **contrast["prefalign"]["contrast"],
+        "curriculum": "margin",
+    }
+    assert (
+        ordered["curriculum_sampling"] is True and "curriculum_sampling" not in contrast
+    )
+    for key in ("datasets", "num_epochs", "micro_batch_size", "learning_rate"):
+        assert ordered[key] == contrast[key]
     # scored with the same prompt, against the same baseline
-    assert set(mods.prefs.CONTRAST_PROMPT) == {"contrast_seed", "sft_chosen"}
+    assert set(mods.prefs.CONTRAST_PROMPT) == {
+        "contrast_seed",
+        "sft_chosen",
+        "contrast_curriculum",
+    }
 
 
 def test_spa_arm_configures_the_gold_checker(mods, tmp_path):

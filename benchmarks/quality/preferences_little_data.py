@@ -12,6 +12,9 @@ real commands:
                  positive-only): plain SFT on the seed's chosen answers in the
                  contrast arm's prompt, same rows and steps, no negative example
   contrast_seed  `axolotl train` (type: axolotl_prefalign.contrast) on the seed
+  contrast_curriculum  the same rows, trained from easy to hard
+                 (prefalign.contrast.curriculum: margin, the base model's
+                 log-prob margin of chosen over rejected; curriculum_sampling)
   spa            `axolotl prefalign spa`: seed DPO + 2 self-annotation iterations,
                  with a gold checker (each prompt's correct option): per iteration
                  the self-label accuracy and the noise flags' precision / recall
@@ -43,13 +46,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-ARMS = ["dpo_seed", "sft_chosen", "contrast_seed", "spa", "spa_listed", "dpo_all"]
+ARMS = [
+    "dpo_seed",
+    "sft_chosen",
+    "contrast_seed",
+    "contrast_curriculum",
+    "spa",
+    "spa_listed",
+    "dpo_all",
+]
 # the SPA arms: the name is the work folder; spa_listed's prompts list the options
 SPA_ARMS = ("spa", "spa_listed")
 # the base model, scored with the chat template / with the contrast inference prompt
 BASELINES = ["untrained", "untrained_contrast"]
 # arms scored with the contrast format's inference prompt ("...Positive answer:")
-CONTRAST_PROMPT = ("contrast_seed", "sft_chosen")
+CONTRAST_PROMPT = ("contrast_seed", "sft_chosen", "contrast_curriculum")
 # settings that must match for a rerun to keep an earlier run's finished arms
 SHARED_KEYS = ("dataset", "n_pool", "n_test", "epochs", "dpo_lr")
 RESUME_KEYS = (*SHARED_KEYS, "seed_size", "spa_prompts", "spa_max_new_tokens")
@@ -164,14 +175,20 @@ def contrast_cfg(
     `sft_chosen` is the same run with every row positive-only: SFT on the chosen
     answer after exactly the prompt the contrast arm is scored with, one row per
     pair (the same rows, micro batches and steps), no negative answer anywhere.
+    `contrast_curriculum` is the contrast run with the rows in curriculum order
+    (largest base-model margin first), sampled in that order in every epoch.
     """
     ratio = 1.0 if arm == "sft_chosen" else 0.25
+    contrast: dict[str, Any] = {"positive_only_ratio": ratio, "seed": seed}
     cfg = common.base_cfg(work / arm, seed)
+    if arm == "contrast_curriculum":
+        contrast["curriculum"] = "margin"
+        cfg["curriculum_sampling"] = True
     cfg.update(
         {
             # as yaml_examples/contrast-sft.yml: a quarter of the rows are
             # positive-only, the form of the inference prompt we score with
-            "prefalign": {"contrast": {"positive_only_ratio": ratio, "seed": seed}},
+            "prefalign": {"contrast": contrast},
             "datasets": [
                 {
                     "path": str(data),
