@@ -117,3 +117,10 @@ def test_sharded_quick_run(tmp_path):
             entry["stock"]["worlds"], entry["prefalign"]["worlds"], strict=True
         ):
             assert ours["peak_gib"] < stock["peak_gib"]
+
+
+def test_longest_past_the_measured_lengths_is_extrapolated(ms):
+    pts = [(1024, 2.0), (2048, 4.0)]
+    assert ms.longest(pts, 3.0, 128) == (1536, "interpolated")
+    assert ms.longest(pts, 9.0, 128) == (4608, "extrapolated")
+    assert ms.longest(pts, 1.0, 128) == (None, "none_measured_fits")
