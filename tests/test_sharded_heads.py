@@ -10,6 +10,7 @@ pair that has no labelled token) ends without a hang.
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
@@ -102,7 +103,8 @@ def _grad_names(records: dict[int, dict]) -> list[str]:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed"
+    importlib.util.find_spec("deepspeed") is None and not os.environ.get("CI"),
+    reason="deepspeed not installed (scripts/setup.sh installs it; CI fails instead)",
 )
 def test_zero3_frozen_and_trained_head_equal_one_process(tmp_path, reference):
     ranks = _launch("zero3", tmp_path)
