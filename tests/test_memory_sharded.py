@@ -1,4 +1,5 @@
-"""benchmarks/memory_sharded.py: the per-rank arithmetic, the --sharded --quick run."""
+"""benchmarks/memory_sharded.py: the per-rank arithmetic, the --sharded --quick run;
+benchmarks/memory_ranks.py's helpers for checking it against 2 CPU ranks."""
 
 from __future__ import annotations
 
@@ -124,3 +125,96 @@ def test_longest_past_the_measured_lengths_is_extrapolated(ms):
     assert ms.longest(pts, 3.0, 128) == (1536, "interpolated")
     assert ms.longest(pts, 9.0, 128) == (4608, "extrapolated")
     assert ms.longest(pts, 1.0, 128) == (None, "none_measured_fits")
+
+
+# -- benchmarks/memory_ranks.py: the arithmetic checked against 2 CPU ranks ----------
+@pytest.fixture()
+def mr(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import memory_ranks
+
+    return memory_ranks
+
+
+def test_zero3_json_auto_values_filled_as_the_hf_trainer_fills_them(mr, tmp_path):
+    config = mr.zero3_config(mr.ZERO3_JSON, hidden=256, world=2)
+    zero = config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 256 * 256
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 256 * 256)
+    assert zero["stage3_param_persistence_threshold"] == 2560
+    assert (config["train_batch_size"], config["gradient_clipping"]) == (2, 1.0)
+    # The user's settings stay as the file has them.
+    assert (zero["stage"], zero["stage3_max_live_parameters"]) == (3, 0)
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 3, "offload_param": "auto"}}')
+    with pytest.raises(ValueError, match=r"ds\.json: 'auto' left.*offload_param"):
+        mr.zero3_config(bad, hidden=256, world=2)
+
+
+def test_computed_rank_bytes_split_parameters_from_states(mr):
+    parts = mr.ms.model_parts(TINY, 2, False, False)
+    base = parts["decoder"] + parts["norms"] + parts["embed"] + parts["lm_head"]
+    lora = parts["lora_params"]
+    z3 = mr.computed(TINY, 2, "zero3", 2)
+    # ZeRO-3: bf16 LoRA parameter; fp32 master, gradient, m, v in the states.
+    assert z3["params"] == pytest.approx((base + 2 * lora) / 2)
+    assert z3["other_states"] == pytest.approx(16 * lora / 2)
+    assert z3["held"] == pytest.approx(z3["params"] + z3["other_states"])
+    assert z3["gathered"] == 2 * 512 * 64 + 2 * 36864 + 2 * 16 * 1024 + 2 * 64 * 64
+    fsdp = mr.computed(TINY, 2, "fsdp2", 2)
+    # FSDP2: PEFT's fp32 LoRA parameter; fp32 gradient, m, v.
+    assert fsdp["params"] == pytest.approx((base + 4 * lora) / 2)
+    assert fsdp["other_states"] == pytest.approx(12 * lora / 2)
+
+
+def test_compare_leaves_the_batch_out_of_held_and_peak(mr):
+    measured = {
+        "param_bytes": 110,
+        "baseline_bytes": 330,
+        "batch_bytes": 30,
+        "peak_bytes": 530,
+    }
+    comp = {"params": 100, "held": 300, "gathered": 50}
+    got = mr.compare(measured, comp, step_bytes=150, predicted=500)
+    assert got["params"] == {"measured": 110, "computed": 100, "rel": 0.1}
+    assert got["held"]["measured"] == 300 and got["held"]["rel"] == 0
+    assert got["above_held"] == {"measured": 200, "computed": 200, "rel": 0}
+    assert got["peak"]["measured"] == 500 and got["peak"]["rel"] == 0
+
+
+def test_storage_bytes_counts_a_flat_buffer_once(mr):
+    import torch
+
+    flat = torch.zeros(100)  # 400 B, two parameter views into it
+    other = torch.zeros(10, dtype=torch.bfloat16)  # 20 B
+    assert mr.storage_bytes([flat[:50], flat[50:], other, other[2:]]) == 420
+
+
+def test_rank_live_bytes_follow_a_storage_resized_in_place(mr):
+    import torch
+
+    # FSDP2's all-gather grows a parameter's storage in place and frees it by
+    # shrinking it to 0 bytes: no ATen op shows either.
+    unsharded = torch.empty(0)
+    with mr.RankLiveBytes() as tracker:
+        tracker.add_all([unsharded])
+        tracker.reset_peak()
+        unsharded.untyped_storage().resize_(4000)
+        grown = tracker.current
+        unsharded.untyped_storage().resize_(0)
+    assert (grown, tracker.peak, tracker.current) == (4000, 4000, 0)
+    unsharded.untyped_storage().resize_(8)  # the patch is gone after the block
+    assert tracker.current == 0
+
+
+def test_ranks_table_shows_measured_computed_and_difference(mr):
+    mib = 2**20
+    row = {"engine": "zero3", "config": "prefalign", "rank": 1}
+    row["peak_at"] = {"phase": "backward", "op": "mm"}
+    row["compare"] = {
+        c: {"measured": 3 * mib, "computed": 2 * mib, "rel": 0.5}
+        for c in ("params", "held", "above_held", "peak")
+    }
+    text = mr.table([row])
+    assert "| zero3 | prefalign | 1 | 3.0 / 2.0 (+50%) |" in text
+    assert text.endswith("| 3.0 / 2.0 (+50%) | backward/mm |")
