@@ -88,7 +88,7 @@ def build_model(args, device):
 def dataset(args):
     """Pairs whose prompt+chosen and prompt+rejected are exactly `tokens` long."""
     from datasets import Dataset
-    from gpu_dpo_24gb import pair_rows  # same folder; imported lazily (it imports us)
+    from workload import pair_rows  # same folder
 
     return Dataset.from_list(
         pair_rows(args.batch * (args.steps + 1), args.tokens, args.vocab)
@@ -133,7 +133,7 @@ def worker(args) -> dict:
         dataloader_num_workers=0,
         use_liger_kernel=liger,
     )
-    from gpu_dpo_24gb import word_tokenizer
+    from workload import word_tokenizer
 
     trainer = cls(
         model,
