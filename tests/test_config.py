@@ -50,7 +50,7 @@ def test_plugin_block_survives_axolotl_validation_with_defaults(tiny_model_dir):
     cfg = axolotl_validate(_base_cfg(tiny_model_dir, prefalign={"on_bad_row": "skip"}))
     block = cfg["prefalign"]
     assert block["on_bad_row"] == "skip"
-    # Defaults equal the papers' values (METHODS.md).
+    # Defaults equal the papers' values (docs/methods.md).
     assert block["spa"]["beta"] == 0.1
     assert block["spa"]["alpha"] == 0.1
     assert block["spa"]["noise_quantile"] == 0.1

@@ -1,4 +1,6 @@
-"""Plaintext contrast SFT (METHODS.md §2): a preference pair as one SFT example.
+"""Plaintext contrast SFT: a preference pair as one SFT example.
+
+The method: docs/methods.md#contrast.
 
 `format` renders, tokenizes and masks rows (framework-neutral); `preview` prints
 rows with their loss spans marked. `type: axolotl_prefalign.contrast` on an Axolotl

@@ -4,7 +4,8 @@ Every loss is a function of the DPO margin
 
     h = [logp_θ(y_w) − logp_ref(y_w)] − [logp_θ(y_l) − logp_ref(y_l)]
 
-(formulas as in TRL's DPOTrainer where TRL has them; SPA's as in METHODS.md §1).
+(formulas as in TRL's DPOTrainer where TRL has them; SPA's as in
+docs/methods.md#spa-self-refinement).
 """
 
 from __future__ import annotations

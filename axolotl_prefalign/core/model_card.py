@@ -76,9 +76,9 @@ CITATIONS: dict[str, Citation] = {
     url     = {https://arxiv.org/abs/2412.14922},
 }""",  # noqa: E501
     ),
-    # Plaintext contrast SFT (METHODS.md §2) is the plugin's own format; these are
-    # the precedents it follows: good and bad answers in one sequence, loss on the
-    # correction only, and the optional unlikelihood term.
+    # Plaintext contrast SFT (docs/methods.md#contrast) is the plugin's own format;
+    # these are the precedents it follows: good and bad answers in one sequence,
+    # loss on the correction only, and the optional unlikelihood term.
     "chain_of_hindsight": Citation(
         "chain_of_hindsight",
         'Liu et al., "Chain of Hindsight Aligns Language Models with Feedback", '

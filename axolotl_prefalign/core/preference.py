@@ -6,10 +6,10 @@ tokens), `PreferenceStep` runs ONE forward of the policy with the lm_head on a
 single position only, takes the response log-probs from the backbone's hidden
 states through the fused `token_logprobs`, gets the reference log-probs (from the
 batch's cached columns or a no-grad pass of the reference), adds SPA's
-self-refinement and de-coupled noise detection (METHODS.md §1), and returns the
-per-pair losses with the metric values under TRL's names. A trainer subclass of any
-framework (Axolotl/TRL, LLaMA-Factory) turns these into its loss and logs; nothing
-here imports one.
+self-refinement and de-coupled noise detection (docs/methods.md#spa-dnd), and
+returns the per-pair losses with the metric values under TRL's names. A trainer
+subclass of any framework (Axolotl/TRL, LLaMA-Factory) turns these into its loss
+and logs; nothing here imports one.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""RobustFT: noise-robust SFT data (Luo et al., arXiv 2412.14922; METHODS.md §3).
+"""RobustFT: noise-robust SFT data (Luo et al., arXiv 2412.14922).
+
+The method: docs/methods.md#robustft.
 
 `type: axolotl_prefalign.robustft` on an SFT dataset entry trains on the denoised
 set D_clean ∪ D_select of that entry (the pipeline runs during preprocessing when

@@ -1,4 +1,6 @@
-"""Answer extraction and comparison for RobustFT's checker (METHODS.md §3, step 1).
+"""Answer extraction and comparison for RobustFT's checker.
+
+The checker of noise detection: docs/methods.md#robustft-detect.
 
 Three kinds of answer: `choice` (an option letter), `number` and `text`. The rules,
 the same for every kind:

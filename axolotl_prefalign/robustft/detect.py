@@ -1,11 +1,12 @@
 """Stage 2–3: extract the experts' answers and split the rows into clean and noisy.
 
-Paper rule (METHODS.md §3, step 1): a row is clean when BOTH the plain prediction ŷ
-and the reasoning-enhanced prediction ŷ_r agree with its label y (`agreement: all`;
-with several experts, every prediction of every expert). `majority` asks for more
-than half of the predictions, `any` for one. A prediction with no extractable answer
-never agrees. A log-likelihood prediction (`expert_scoring: loglik`, the cross-fitted
-expert) is one vote (prompt "loglik") with its option probabilities.
+Paper rule (docs/methods.md#robustft-detect): a row is clean when BOTH the plain
+prediction ŷ and the reasoning-enhanced prediction ŷ_r agree with its label y
+(`agreement: all`; with several experts, every prediction of every expert).
+`majority` asks for more than half of the predictions, `any` for one. A prediction
+with no extractable answer never agrees. A log-likelihood prediction
+(`expert_scoring: loglik`, the cross-fitted expert) is one vote (prompt "loglik")
+with its option probabilities.
 
 `detection: cleanlab` (beyond the paper): the noisy rows are those
 `cleanlab.filter.find_label_issues(labels, pred_probs)` flags (confident learning,

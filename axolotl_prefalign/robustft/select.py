@@ -1,4 +1,4 @@
-"""Stage 5: keep the most confident relabelled rows (METHODS.md §3, step 3).
+"""Stage 5: keep the most confident relabelled rows (docs/methods.md#robustft-select).
 
 H = −(1/N) Σ_j log p(y_j | q, y_<j), the mean negative log-likelihood of the
 context-enhanced reply (`Generation.mean_nll`); the ceil(β·n) rows with the lowest

@@ -1,4 +1,4 @@
-"""SPA — Spread Preference Annotation (Kim et al., ICLR 2025; METHODS.md §1).
+"""SPA — Spread Preference Annotation (Kim et al., ICLR 2025; docs/methods.md#spa).
 
 `pairs` normalises and renders preference pairs, `judge` the implicit-reward
 judgment, `expand` one iteration's sampling + judging, `gold` the self-labels and

@@ -1,5 +1,5 @@
 """SPA expansion: sample K responses per fresh prompt from π_{i−1}, judge them with
-the implicit reward, and write the pairs (METHODS.md §1, steps a–b).
+the implicit reward, and write the pairs (docs/methods.md#spa: generate, judge).
 
 Output under `out_dir`, every part an atomic `ShardWriter` folder:
 - `generations/`  one row per prompt: `index`, `prompt`, the K `responses`

@@ -1,7 +1,8 @@
 """SPA's self-labels and noise flags against gold answers (multiple choice / QA).
 
 SPA labels its own pairs and flags the least confident ones as noisy (c = 0,
-METHODS.md §1); neither the paper nor its code measures how often either is right.
+docs/methods.md#spa-self-refinement); neither the paper nor its code measures how
+often either is right.
 Where each prompt has a correct answer, a sampled answer can be checked, and on the
 pairs where exactly one of the two answers is right the self-label is either right
 (chosen = the right one) or wrong. This module judges answers (`answer_is_right`),

@@ -1,4 +1,4 @@
-"""SPA's direct preference judgment with the implicit reward (METHODS.md §1, step b).
+"""SPA's direct preference judgment with the implicit reward (docs/methods.md#spa).
 
     r(y) = β · [logp_π(y|x) − logp_init(y|x)]        (÷ |y| when length-normalised)
     p(y_w ≻ y_l | x) = σ(r(y_w) − r(y_l))

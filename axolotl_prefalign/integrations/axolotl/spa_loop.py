@@ -1,6 +1,6 @@
 """The SPA loop with Axolotl as the trainer: `axolotl prefalign spa CONFIG`.
 
-Seed DPO, then N rounds of expand → train (METHODS.md §1); the stages run as
+Seed DPO, then N rounds of expand → train (docs/methods.md#spa); the stages run as
 subprocesses (`axolotl train`, `axolotl merge-lora`, `axolotl prefalign
 spa-expand`), and the layout, resumable state and statistics come from `spa.loop`.
 """

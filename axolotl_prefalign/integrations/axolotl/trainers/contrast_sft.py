@@ -1,5 +1,5 @@
 """Contrast SFT trainer: cross-entropy on the positive answer plus an optional
-CUT-style unlikelihood term on the negative answer (METHODS.md §2).
+CUT-style unlikelihood term on the negative answer (docs/methods.md#contrast).
 
 The plugin installs `ContrastSFTTrainer` through `trainer_cls:` when
 `prefalign.contrast.unlikelihood_weight > 0` (SFT, no `rl:`), and the collators
