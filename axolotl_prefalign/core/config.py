@@ -2,13 +2,14 @@
 
 Axolotl's own schema silently drops unknown keys, so every model here forbids extra
 keys and `PrefAlignConfig.from_raw` turns pydantic's error into one that names the
-bad key and the valid ones. Defaults are the papers' values (docs/methods.md).
+bad key and the valid ones. Defaults are the papers' values (shared/design/METHODS.md).
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -51,7 +52,7 @@ CONTRAST_TEMPLATE_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
 
 
 class ContrastConfig(_Strict):
-    """Plaintext contrast SFT, negative-answer masking (docs/methods.md#contrast)."""
+    """Plaintext contrast SFT with negative-answer masking (METHODS.md §2)."""
 
     preset: Literal["en", "zh"] = Field(
         "en",
@@ -196,81 +197,117 @@ class SpaPromptSource(_Strict):
         return self
 
 
-class SpaConfig(_Strict):
-    """SPA: Spread Preference Annotation (docs/methods.md#spa)."""
+@dataclass(frozen=True)
+class SpaEffect:
+    """What a change to an SPA setting affects, declared beside each `SpaConfig`
+    field; the SPA loop derives its staleness key and the trainer's settings from it."""
 
-    beta: float = Field(0.1, gt=0.0, description="Implicit-reward / DPO beta.")
-    iterations: int = Field(
+    name: str
+
+
+# The generated and judged pairs: the value is part of an expansion's key, so a
+# change makes finished expansions stale.
+EXPANSION = SpaEffect("expansion")
+# Which prompts each iteration gets: the key holds the prompts picked, not the value.
+PROMPTS = SpaEffect("prompts")
+TRAINING = SpaEffect("training")  # passed on to each stage's trainer
+LOOP = SpaEffect("loop")  # read by the loop alone: in neither the key nor the trainer
+
+
+class SpaConfig(_Strict):
+    """SPA: spread preference annotation (METHODS.md §1)."""
+
+    beta: Annotated[float, EXPANSION, TRAINING] = Field(
+        0.1, gt=0.0, description="Implicit-reward / DPO beta."
+    )
+    iterations: Annotated[int, PROMPTS] = Field(
         3, ge=1, description="Expand → train rounds after seed DPO."
     )
-    iteration: int = Field(
+    iteration: Annotated[int, TRAINING] = Field(
         1, ge=0, description="Iteration being trained now (0 = seed DPO); picks λ."
     )
-    seed_epochs: int = Field(3, ge=1, description="Epochs of seed DPO (< ~2K pairs).")
-    num_samples: int = Field(2, ge=2, description="Responses sampled per prompt (K).")
-    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(300, ge=1, description="Longest sampled response.")
-    generation_batch_size: int = Field(
+    seed_epochs: Annotated[int, LOOP] = Field(
+        3, ge=1, description="Epochs of seed DPO (< ~2K pairs)."
+    )
+    num_samples: Annotated[int, EXPANSION] = Field(
+        2, ge=2, description="Responses sampled per prompt (K)."
+    )
+    temperature: Annotated[float, EXPANSION] = Field(
+        0.7, ge=0.0, description="Sampling temperature."
+    )
+    top_p: Annotated[float, EXPANSION] = Field(
+        1.0, gt=0.0, le=1.0, description="Nucleus sampling mass."
+    )
+    max_new_tokens: Annotated[int, EXPANSION] = Field(
+        300, ge=1, description="Longest sampled response."
+    )
+    generation_batch_size: Annotated[int, EXPANSION] = Field(
         8, ge=1, description="Prompts per generate call."
     )
-    judge_batch_size: int = Field(
+    judge_batch_size: Annotated[int, EXPANSION] = Field(
         8, ge=1, description="Prompts per judge forward (all K responses each)."
     )
-    generation_backend: Literal["auto", "hf", "vllm"] = Field(
+    generation_backend: Annotated[Literal["auto", "hf", "vllm"], EXPANSION] = Field(
         "auto", description="auto: vLLM when installed and on a GPU, else HF generate."
     )
-    shard_size: int = Field(
+    shard_size: Annotated[int, EXPANSION] = Field(
         64, ge=1, description="Prompts per output shard (the unit of resuming)."
     )
-    max_prompt_tokens: int = Field(
+    max_prompt_tokens: Annotated[int, EXPANSION] = Field(
         1024, ge=1, description="Longer prompts are bad rows (official recipe: 1024)."
     )
-    launcher: Literal["python", "accelerate", "torchrun"] = Field(
+    launcher: Annotated[Literal["python", "accelerate", "torchrun"], LOOP] = Field(
         "python",
         description="How the SPA loop launches each `axolotl train` stage "
         "(accelerate/torchrun for several GPUs).",
     )
-    length_normalized: bool = Field(
+    length_normalized: Annotated[bool, EXPANSION] = Field(
         False, description="Judge by per-token reward (counters length growth)."
     )
-    init_model: str | None = Field(
+    init_model: Annotated[str | None, EXPANSION] = Field(
         None,
         description="π_init for judging; None = the base model with the adapter off.",
     )
-    alpha: float = Field(0.1, ge=0.0, le=0.5, description="Smoothing of noisy pairs.")
-    noise_quantile: float = Field(
+    alpha: Annotated[float, TRAINING] = Field(
+        0.1, ge=0.0, le=0.5, description="Smoothing of noisy pairs."
+    )
+    noise_quantile: Annotated[float, TRAINING] = Field(
         0.1, gt=0.0, lt=1.0, description="K: this least-confident fraction is noisy."
     )
-    margin_window: int = Field(
+    margin_window: Annotated[int, TRAINING] = Field(
         50, ge=1, description="Recent micro-batches whose per-sample margins set τ."
     )
-    alpha_warmup_ratio: float = Field(
+    alpha_warmup_ratio: Annotated[float, TRAINING] = Field(
         0.2, ge=0.0, le=1.0, description="α = 0 for this first fraction of steps."
     )
-    dnd: bool = Field(True, description="De-coupled noise detection (paper: on).")
-    dnd_lambdas: list[float] = Field(
+    dnd: Annotated[bool, TRAINING] = Field(
+        True, description="De-coupled noise detection (paper: on)."
+    )
+    dnd_lambdas: Annotated[list[float], TRAINING] = Field(
         default_factory=lambda: [0.5, 0.25, 0.125],
         description="λ per iteration 1, 2, 3, ... (last value repeats).",
     )
-    prompts: list[SpaPromptSource] = Field(
+    prompts: Annotated[list[SpaPromptSource], PROMPTS] = Field(
         default_factory=list,
         description="One source per iteration, or one split into disjoint parts.",
     )
-    prompts_per_iteration: list[int] | None = Field(
+    prompts_per_iteration: Annotated[list[int] | None, PROMPTS] = Field(
         None,
         description="Sizes of the disjoint parts when one source is split (default: "
         "equal parts); with one source per iteration, a cap per source.",
     )
-    seed: int = Field(42, description="Sampling seed (per block of prompts).")
-    gold_checker: Literal["choice", "contains", "exact"] = Field(
+    seed: Annotated[int, EXPANSION] = Field(
+        42, description="Sampling seed (per block of prompts)."
+    )
+    gold_checker: Annotated[Literal["choice", "contains", "exact"], LOOP] = Field(
         "choice",
         description="How a sampled answer is judged against a prompt source's "
         "gold_field: choice = the one option it names (letter or text; none or "
         "several = unknown), contains = the gold text appears in it, exact = "
         "equal (both normalised).",
     )
-    flags_file: str | None = Field(
+    # LOOP: a YAML's own value never reaches the trainer; the loop sets each stage's.
+    flags_file: Annotated[str | None, LOOP] = Field(
         None,
         description="Internal, set by the SPA loop when gold is configured: the "
         "JSON-lines file where the SPA loss records each training pair's noise "
@@ -305,7 +342,7 @@ class RobustFTFields(_Strict):
 
 
 class RobustFTConfig(_Strict):
-    """RobustFT: detection, relabelling and selection (docs/methods.md#robustft)."""
+    """RobustFT: noise detection, relabelling and selection (METHODS.md §3)."""
 
     experts: list[str] = Field(
         default_factory=list,
