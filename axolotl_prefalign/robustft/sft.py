@@ -13,7 +13,7 @@ from datasets import Dataset
 from ..core.logprobs import IGNORE_INDEX
 from ..core.rows import RowChecker
 from .answers import letters
-from .pipeline import RobustFTError
+from .errors import RobustFTError
 
 LOG = logging.getLogger("axolotl_prefalign")
 
