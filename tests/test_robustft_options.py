@@ -106,6 +106,33 @@ def test_new_settings_default_to_the_paper():
     assert cfg.crossfit_batch_size == 8
 
 
+def test_each_setting_value_picks_one_named_unit():
+    """Every value of every choice setting has its own unit in options.OPTIONS,
+    documented under its YAML spelling, and pick_options returns it."""
+    from typing import Literal, get_args, get_origin
+
+    from axolotl_prefalign.robustft.options import OPTIONS, pick_options
+
+    # Values passed straight to the answer comparison and the vote rule.
+    parameters = {"answer_type", "agreement"}
+    choices = {
+        name: get_args(f.annotation)
+        for name, f in RobustFTConfig.model_fields.items()
+        if get_origin(f.annotation) is Literal
+    }
+    assert set(choices) - parameters == set(OPTIONS)
+    for name, values in choices.items():
+        if name in parameters:
+            continue
+        units = OPTIONS[name]
+        assert set(units) == set(values), name
+        assert len({type(u) for u in units.values()}) == len(values), name
+        for value, unit in units.items():
+            assert type(unit).__doc__.startswith(f"{name}: {value}"), type(unit)
+            picked = pick_options(RobustFTConfig.model_construct(**{name: value}))
+            assert unit in vars(picked).values()
+
+
 def test_cleanlab_needs_option_probabilities():
     with pytest.raises(PrefAlignConfigError, match="detection: cleanlab needs option"):
         PrefAlignConfig.from_raw({"robustft": {"detection": "cleanlab"}})
