@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -46,15 +45,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-for _var, _value in {
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_var, _value)
+from workload import RESULTS, machine, set_env_defaults  # noqa: E402
 
-RESULTS = HERE / "results"
+set_env_defaults()
 ARMS = ("contrast", "prefalign", "prefalign_packed", "stock")
 SHAPES = ("llama128k", "smollm2")
 # --quick: a tiny random Llama only, one timed step.
@@ -89,7 +82,7 @@ def build(args, device):
 
 
 def pairs(args, vocab: int) -> list[dict]:
-    from gpu_dpo_24gb import pair_rows
+    from workload import pair_rows
 
     return pair_rows(args.batch * (args.steps + 1), args.tokens, vocab)
 
@@ -180,8 +173,8 @@ def worker(args) -> dict:
     import resource
 
     import torch
-    from gpu_dpo_24gb import word_tokenizer
     from transformers import TrainerCallback
+    from workload import word_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, vocab = build(args, device)
@@ -373,8 +366,6 @@ def main(argv=None) -> int:
         vars(args).update(QUICK, shapes=["llama128k"])
 
     import importlib.metadata as md
-
-    from dpo_step import machine
 
     versions = {p: md.version(p) for p in ("axolotl", "trl", "transformers", "peft")}
     report = {

@@ -18,9 +18,9 @@ passes, fails, times out or is skipped (a failing part never stops the others):
 "stock" is TRL's own `DPOTrainer._compute_loss` (the loss Axolotl's `rl: dpo` runs:
 full-vocabulary logits, fp32 log-softmax, gather, reference pass with the adapter
 disabled, sigmoid loss), called on a trainer object that holds only what that method
-reads; without TRL, a line-by-line copy of it (`stock_mirror_loss`). "ours" is
+reads; where TRL cannot be imported the stock rows say `skipped` and why. "ours" is
 `core.preference.PreferenceStep`. Both run in the same plain loop, which does what
-TRL + Axolotl's trainer do around the loss (see docs/gpu.md).
+TRL + Axolotl's trainer do around the loss (see docs/gpu.md), on workload.py's model.
 
     python benchmarks/gpu_check.py --out DIR              # CUDA, the real shapes
     python benchmarks/gpu_check.py --out DIR --dry-run    # CPU, tiny shapes (CI)
@@ -46,9 +46,9 @@ import traceback
 import zipfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-GIB = 2**30
+import workload
+from workload import GIB, LLAMA3_8B, REPO, TINY_LLAMA
+
 CONFIGS = ("stock", "prefalign", "prefalign_packed")
 PARTS = ("setup", "fused_vs_plain", "dpo_step", "max_length", "cce")
 BETA = 0.1
@@ -78,14 +78,7 @@ NEEDED_MODULES = (
 SETTINGS = {
     "gpu": {
         "device": "cuda",
-        "model": {
-            "vocab": 128256,
-            "hidden": 4096,
-            "layers": 32,
-            "heads": 32,
-            "kv_heads": 8,
-            "intermediate": 14336,
-        },
+        "model": LLAMA3_8B,
         "seq": 2048,
         "warmup": 2,
         "steps": 3,
@@ -109,14 +102,7 @@ SETTINGS = {
     },
     "dry": {
         "device": "cpu",
-        "model": {
-            "vocab": 1024,
-            "hidden": 128,
-            "layers": 2,
-            "heads": 4,
-            "kv_heads": 2,
-            "intermediate": 256,
-        },
+        "model": TINY_LLAMA,
         "seq": 64,
         "warmup": 1,
         "steps": 2,
@@ -419,75 +405,6 @@ def pair_batch(torch, seq: int, vocab: int, device: str, seed: int) -> dict:
     }
 
 
-def stock_mirror_loss(model, inputs: dict, *, beta: float, gc_kwargs: dict):
-    """TRL 1.9's `DPOTrainer._compute_loss` for this setting, line by line: sigmoid
-    loss, reverse KL, no length desensitisation, PEFT reference (adapter disabled,
-    checkpointing off), and the metrics it computes from the full logits. Used only
-    where TRL cannot be imported; a test checks it against TRL's own method."""
-    import torch
-    import torch.nn.functional as F
-
-    def selective_log_softmax(logits, index):  # trl.trainer.utils' (1.9)
-        index = index.unsqueeze(-1)
-        if logits.dtype in (torch.float32, torch.float64):
-            selected = torch.gather(logits, dim=-1, index=index)
-            lse = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
-            return (selected - lse.unsqueeze(-1)).squeeze(-1)
-        rows = [  # bf16/fp16 logits: per row, log_softmax in their dtype
-            F.log_softmax(row, dim=-1).gather(dim=-1, index=lab)
-            for row, lab in zip(logits, index, strict=True)
-        ]
-        return torch.stack(rows).squeeze(-1)
-
-    def entropy_from_logits(logits, chunk_size=128):
-        flat = logits.reshape(-1, logits.shape[-1])
-        out = []
-        for chunk in flat.split(chunk_size, dim=0):
-            logps = F.log_softmax(chunk, dim=-1)
-            out.append(-(torch.exp(logps) * logps).sum(-1))
-        return torch.cat(out).reshape(logits.shape[:-1])
-
-    model_kwargs = {
-        k: v
-        for k, v in inputs.items()
-        if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-    }
-    model_kwargs["use_cache"] = False
-    outputs = model(**model_kwargs)
-    input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
-    shift_logits = outputs.logits[..., :-1, :]
-    shift_labels = input_ids[..., 1:]
-    shift_mask = completion_mask[..., 1:]
-    per_token = selective_log_softmax(shift_logits, shift_labels)
-    per_token[shift_mask == 0] = 0.0
-    chosen, rejected = per_token.sum(dim=1).chunk(2, dim=0)
-    was = model.is_gradient_checkpointing
-    with torch.no_grad():
-        if was:
-            model.gradient_checkpointing_disable()
-        try:
-            with model.disable_adapter():
-                ref_outputs = model(**model_kwargs)
-        finally:
-            if was:
-                model.gradient_checkpointing_enable(gc_kwargs)
-        ref_logits = ref_outputs.logits[..., :-1, :]
-        ref_per_token = selective_log_softmax(ref_logits, shift_labels)
-        ref_per_token[shift_mask == 0] = 0.0
-        ref_chosen, ref_rejected = ref_per_token.sum(dim=1).chunk(2, dim=0)
-    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
-    loss = (-F.logsigmoid(beta * delta)).mean()
-    # The metrics TRL logs from the full logits (their cost is part of the step).
-    entropy = entropy_from_logits(shift_logits.detach())
-    _ = ((entropy * shift_mask).sum() / shift_mask.sum()).item()
-    c_logits, r_logits = shift_logits.detach().chunk(2, dim=0)
-    c_mask, r_mask = shift_mask.chunk(2, dim=0)
-    _ = c_logits[c_mask.bool()].mean(-1).sum().item()
-    _ = r_logits[r_mask.bool()].mean(-1).sum().item()
-    _ = ((c_logits.argmax(-1) == shift_labels[:1]) & c_mask.bool()).sum().item()
-    return loss, chosen.detach(), rejected.detach()
-
-
 def trl_args(*, cuda: bool, gc_kwargs: dict):
     """TRL's DPOConfig for this run, or the reason TRL cannot be used. Made before
     the Accelerator: TrainingArguments resets accelerate's state, as in TRL."""
@@ -510,29 +427,25 @@ def trl_args(*, cuda: bool, gc_kwargs: dict):
     return args, None
 
 
-def stock_loss(model, accelerator, args, reason, *, gc_kwargs: dict):
-    """TRL's own `_compute_loss` on a trainer object holding what it reads (the
-    attributes `DPOTrainer.__init__` sets from `DPOConfig`); else the mirror.
-
-    Returns (loss_fn, about): `about["impl"]` names what ran. A TRL newer than the
-    carried 1.9 may read state this object lacks: then the first call falls back
-    to the mirror and `about` says so (the JSON then shows it)."""
-    import torch
-
-    def mirror(batch):
-        return stock_mirror_loss(model, batch, beta=BETA, gc_kwargs=gc_kwargs)
-
-    about = {"impl": f"mirror of TRL 1.9 DPOTrainer._compute_loss ({reason})"}
-    if args is None:
-        return mirror, about
+def stock_loss(model, accelerator, args):
+    """TRL's own `DPOTrainer._compute_loss`, bound to an object holding what it
+    reads (the attributes `DPOTrainer.__init__` sets from `DPOConfig`, `args` from
+    `trl_args`). Returns (loss_fn, about), `about["impl"]` naming the TRL release;
+    loss_fn(batch) -> (loss, chosen log-prob, rejected log-prob), the log-probs
+    read back from TRL's own metrics. A TRL that reads state this object lacks
+    fails with AttributeError, recorded in the row: no copy of the loss stands in.
+    """
     from collections import defaultdict
 
+    import torch
     import trl
     from trl.trainer.dpo_trainer import DPOTrainer
 
     shim = DPOTrainer.__new__(DPOTrainer)
     shim.args = args
-    shim.model = model
+    # HF Trainer keeps the unwrapped model (the reference pass runs it) and hands
+    # the wrapped one (a DeepSpeed engine, say) to compute_loss.
+    shim.model = accelerator.unwrap_model(model)
     shim.ref_model = None
     shim.accelerator = accelerator
     shim.beta = args.beta
@@ -550,30 +463,37 @@ def stock_loss(model, accelerator, args, reason, *, gc_kwargs: dict):
     shim._tp_size = 1  # TRL >= 1.14: tensor-parallel degree
     shim._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     shim._total_train_tokens = 0
-    about["impl"] = f"trl {trl.__version__} DPOTrainer._compute_loss"
-    state = {"calls": 0, "fallback": False}
 
     def trl_loss(batch):
-        if state["fallback"]:
-            return mirror(batch)
-        try:
-            loss = shim._compute_loss(model, batch, False)
-        except AttributeError as exc:
-            if state["calls"]:
-                raise
-            state["fallback"] = True
-            about["impl"] = (
-                f"mirror of TRL 1.9 DPOTrainer._compute_loss (trl {trl.__version__}"
-                f"'s needs trainer state the shim lacks: {exc})"
-            )
-            return mirror(batch)
-        state["calls"] += 1
-        m = shim._metrics["train"]
-        chosen = torch.tensor([float(m["logps/chosen"][-1])])
-        rejected = torch.tensor([float(m["logps/rejected"][-1])])
+        loss = shim._compute_loss(model, batch, False)
+        logged = shim._metrics["train"]
+        chosen = torch.tensor([float(logged["logps/chosen"][-1])])
+        rejected = torch.tensor([float(logged["logps/rejected"][-1])])
         return loss, chosen, rejected
 
-    return trl_loss, about
+    return trl_loss, {"impl": f"trl {trl.__version__} DPOTrainer._compute_loss"}
+
+
+class OneRankAccelerator:
+    """What TRL's `_compute_loss` asks of its accelerator, for a process that has
+    none (memory_ranks.py's ranks): the device, the model inside a DeepSpeed
+    engine, and gathers that keep this rank's values (TRL gathers only the
+    scalars it logs)."""
+
+    def __init__(self, device: str = "cpu"):
+        import torch
+
+        self.device = torch.device(device)
+
+    @staticmethod
+    def unwrap_model(model):
+        return getattr(model, "module", model)
+
+    @staticmethod
+    def gather(tensor):
+        return tensor
+
+    gather_for_metrics = gather
 
 
 def ours_loss(model, accelerator, *, packing: bool):
@@ -606,37 +526,19 @@ class SimulatedOOM(Exception):
     pass
 
 
-def _prepare(torch, spec: dict, g, accelerator):
-    """The QLoRA model as TRL's DPOTrainer + HF Trainer leave it: NF4 base, LoRA r=16
-    all-linear, input grads on, trainable params in bf16, gradient checkpointing
-    (non-reentrant), train mode, accelerate's autocast wrapper; AdamW."""
-    from peft import LoraConfig, get_peft_model
-
+def _prepare(torch, spec: dict, accelerator):
+    """workload's QLoRA model (NF4 base, LoRA r=16 all-linear, as TRL's DPOTrainer
+    + HF Trainer leave it, checkpointing non-reentrant) and AdamW."""
     cuda = spec["device"] == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     # seq sets max_position_embeddings: make it cover the longest search length.
     shapes = {**spec["model"], "seq": max([spec["seq"], *spec["lengths"]])}
     shapes["attn"] = "sdpa"
     t0 = time.perf_counter()
-    base, n_quantized = g.build_model(shapes, spec["device"], dtype)
+    base, n_quantized = workload.build_model(shapes, spec["device"], dtype)
     build_s = time.perf_counter() - t0
-    lora = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, lora)
-    model.enable_input_require_grads()
-    for p in model.parameters():
-        if p.requires_grad:  # TRL: QLoRA adapters in bf16 (the CPU run stays fp32)
-            p.data = p.data.to(dtype)
     gc_kwargs = {"use_reentrant": False}
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    model.train()
-    model = accelerator.prepare_model(model, device_placement=False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, params = workload.lora_for_training(base, dtype, gc_kwargs, accelerator)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     info = {
         "build_s": build_s,
@@ -644,7 +546,7 @@ def _prepare(torch, spec: dict, g, accelerator):
         "lora_params": sum(p.numel() for p in params),
         "lora_dtype": str(dtype).replace("torch.", ""),
     }
-    return model, params, optimizer, gc_kwargs, info
+    return model, params, optimizer, info
 
 
 def _train_step(torch, loss_fn, batch, params, optimizer, cuda, fake_oom, collect):
@@ -700,7 +602,14 @@ def _cleanup(torch, optimizer, cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def dpo_config(torch, g, accelerator, name: str, spec: dict, started: float):
+def _skip_stock(name: str, spec: dict, reason: str) -> None:
+    """The stock rows when TRL cannot be imported: skipped, with the reason."""
+    why = f"TRL's DPOTrainer cannot be imported: {reason}"
+    emit("dpo_step", {"config": name, "status": "skipped", "reason": why})
+    emit("max_length", {"config": name, "status": "skipped", "reason": why})
+
+
+def dpo_config(torch, accelerator, name: str, spec: dict, started: float):
     """Part 2 for one configuration, then part 3 in the same process."""
     cuda = spec["device"] == "cuda"
     seq = spec["seq"]
@@ -712,14 +621,15 @@ def dpo_config(torch, g, accelerator, name: str, spec: dict, started: float):
         if cuda
         else "cpu process max RSS (dry run)",
     }
-    model, params, optimizer, gc_kwargs, info = _prepare(torch, spec, g, accelerator)
+    args, reason = spec["_trl"]
+    if name == "stock" and args is None:
+        _skip_stock(name, spec, reason)
+        return
+    model, params, optimizer, info = _prepare(torch, spec, accelerator)
     row.update(info)
     row["weights_gib"] = torch.cuda.memory_allocated() / GIB if cuda else None
     if name == "stock":
-        args, reason = spec["_trl"]
-        loss_fn, about = stock_loss(
-            model, accelerator, args, reason, gc_kwargs=gc_kwargs
-        )
+        loss_fn, about = stock_loss(model, accelerator, args)
     else:
         loss_fn, about = ours_loss(model, accelerator, packing=row["packing"])
     collect = spec["gc_collect_per_step"]
@@ -748,7 +658,7 @@ def dpo_config(torch, g, accelerator, name: str, spec: dict, started: float):
         timed = times[spec["warmup"] :]
         tokens = 2 * seq
         rate = tokens * len(timed) / sum(timed)
-        tflops = 6 * g.flops_params({**spec["model"]}) * rate / 1e12
+        tflops = 6 * workload.flops_params(spec["model"]) * rate / 1e12
         row.update(
             status="ok",
             step_times_s=times,
@@ -825,9 +735,6 @@ def worker_dpo(spec: dict) -> None:
     import torch
     from accelerate import Accelerator
 
-    sys.path.insert(0, str(HERE))
-    import gpu_dpo_24gb as g
-
     cuda = spec["device"] == "cuda"
     if cuda and spec["cap_gib"]:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -841,7 +748,7 @@ def worker_dpo(spec: dict) -> None:
     for name in spec["configs"]:
         started = time.perf_counter()
         try:
-            dpo_config(torch, g, accelerator, name, spec, started)
+            dpo_config(torch, accelerator, name, spec, started)
         except Exception as exc:  # noqa: BLE001 - recorded; the next config runs
             status = "oom" if cuda and _is_oom(torch, exc) else "error"
             emit(
@@ -877,17 +784,7 @@ def worker_info(spec: dict) -> None:
     except Exception as exc:  # noqa: BLE001
         info["bitsandbytes_import"] = repr(exc)[-500:]
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        sys.path.insert(0, str(HERE))
-        import gpu_dpo_24gb as g
-
-        info.update(
-            name=props.name,
-            total_memory_gib=props.total_memory / GIB,
-            capability=f"{props.major}.{props.minor}",
-            multiprocessors=props.multi_processor_count,
-            peak_bf16_tflops=g.peak_tflops(props.name),
-        )
+        info.update(workload.gpu_properties())
     else:
         info.update(name=f"cpu ({platform.processor() or platform.machine()})")
     emit("info", info)
@@ -947,19 +844,10 @@ class Driver:
         if env.get("PYTHONPATH"):
             path.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(path)
-        for key, value in {
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "AXOLOTL_DO_NOT_TRACK": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
-        }.items():
-            env.setdefault(key, value)
-        if self.args.dry_run:
-            # Tiny shapes on a small shared CPU: a second OpenMP thread only waits
-            # (steps ran 60x slower with 2 threads while another process ran).
-            env.setdefault("OMP_NUM_THREADS", "1")
-        return env
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # Tiny shapes on a small shared CPU: a second OpenMP thread only waits
+        # (steps ran 60x slower with 2 threads while another process ran).
+        return workload.set_env_defaults(env, one_thread=self.args.dry_run)
 
     def log(self, message: str) -> None:
         line = f"[gpu_check {time.time() - self.t0:6.1f}s] {message}"
@@ -1238,10 +1126,7 @@ class Driver:
         }
 
     def flops_n(self) -> int:
-        sys.path.insert(0, str(HERE))
-        import gpu_dpo_24gb as g
-
-        return g.flops_params(self.settings["model"])
+        return workload.flops_params(self.settings["model"])
 
     def agreement(self, rows: dict) -> dict:
         """Ours vs stock on the same model, data and seed: the step-0 log-probs

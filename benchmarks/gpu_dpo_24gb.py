@@ -23,7 +23,7 @@ fresh subprocess, OOM = does not fit). Prints a markdown table, writes JSON.
 This needs Axolotl and TRL installed. Where they are not (the lent GPU machine has
 neither), `benchmarks/gpu_check.sh` runs the same comparison through TRL's own loss
 and `core.preference.PreferenceStep` in one time-boxed call (docs/gpu.md); it
-reuses this module's model build, NF4 swap, FLOP count and peak table.
+shares their model build, NF4 swap, FLOP count and peak table (workload.py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from dpo_step import RESULTS, machine
+from workload import (
+    GIB,
+    LLAMA3_8B,
+    RESULTS,
+    TINY_LLAMA,
+    build_model,
+    flops_params,
+    gpu_properties,
+    lora_config,
+    machine,
+    pair_rows,
+    set_env_defaults,
+    word_tokenizer,
+)
 
 CONFIGS = {
     "stock": {"trainer": "stock", "packing": False},
@@ -49,165 +62,7 @@ CONFIGS = {
 }
 # Per side (prompt + one response); scaled down proportionally for --cpu-smoke.
 SEARCH_LENGTHS = (1024, 2048, 3072, 4096, 6144, 8192)
-# Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, no sparsity).
-# First substring match of torch.cuda.get_device_name() wins, so order matters.
-PEAK_BF16_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("A100", 312.0),
-)
-LLAMA3_8B = {
-    "vocab": 128256,
-    "hidden": 4096,
-    "layers": 32,
-    "heads": 32,
-    "kv_heads": 8,
-    "intermediate": 14336,
-}
-SMOKE = {
-    "vocab": 1024,
-    "hidden": 128,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "intermediate": 256,
-    "seq": 64,
-}
-PROMPT_FRACTION = 0.25  # of each side; the rest is the response (its EOS included)
-GIB = 2**30
-
-
-# -- model --------------------------------------------------------------------
-def llama_config(spec: dict):
-    """A LlamaConfig with the spec's shapes and Llama-3's RoPE/norm settings."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=spec["vocab"],
-        hidden_size=spec["hidden"],
-        intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"],
-        num_attention_heads=spec["heads"],
-        num_key_value_heads=spec["kv_heads"],
-        max_position_embeddings=max(8192, spec["seq"]),
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        use_cache=False,
-    )
-
-
-def flops_params(spec: dict) -> int:
-    """N for 6·N·tokens: every matmul weight a token passes (decoder linears and
-    lm_head); the input embedding is a lookup, norms are negligible."""
-    h, i = spec["hidden"], spec["intermediate"]
-    kv = spec["kv_heads"] * (h // spec["heads"])
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
-    return spec["layers"] * per_layer + spec["vocab"] * h
-
-
-def quantize_linears_nf4(model, compute_dtype) -> int:
-    """Swap every decoder nn.Linear for a bitsandbytes NF4 Linear4bit, in place.
-
-    What `from_pretrained(..., BitsAndBytesConfig(load_in_4bit=True,
-    bnb_4bit_quant_type="nf4"))` gives, without a checkpoint: `from_config` takes no
-    quantization_config. lm_head stays a plain Linear, as transformers keeps it.
-    """
-    import bitsandbytes as bnb
-    from torch import nn
-
-    # (parent, name) pairs only: holding the children themselves would keep every
-    # bf16 weight alive until the loop ends (8B model: 16 GB bf16 + NF4 at once).
-    targets = [
-        (parent, name)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear and name != "lm_head"
-    ]
-    for parent, name in targets:
-        child = getattr(parent, name)
-        q = bnb.nn.Linear4bit(
-            child.in_features,
-            child.out_features,
-            bias=child.bias is not None,
-            compute_dtype=compute_dtype,
-            compress_statistics=False,  # bnb_4bit_use_double_quant default
-            quant_type="nf4",
-            device="meta",
-        )
-        # Params4bit quantizes when moved to a real device (here: where the bf16
-        # weight already is); the bf16 weight is freed once `child` is replaced.
-        q.weight = bnb.nn.Params4bit(
-            child.weight.data,
-            requires_grad=False,
-            compress_statistics=False,
-            quant_type="nf4",
-            module=q,
-        ).to(child.weight.device)
-        if child.bias is not None:
-            q.bias = child.bias
-        setattr(parent, name, q)
-        del child
-    return len(targets)
-
-
-def build_model(spec: dict, device: str, dtype):
-    """The random-weight QLoRA base: bf16 on the device, decoder linears in NF4."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            llama_config(spec), dtype=dtype, attn_implementation=spec["attn"]
-        )
-    n_quantized = quantize_linears_nf4(model, dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    # As after a bitsandbytes load: TRL then keeps the LoRA weights in bf16.
-    model.is_loaded_in_4bit = True
-    return model, n_quantized
-
-
-# -- data ---------------------------------------------------------------------
-def word_tokenizer(vocab: int):
-    """One token per whitespace word ("t<id>"), so lengths are exact; no BOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    words.update({f"t{i}": i for i in range(3, vocab)})
-    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-
-
-def pair_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Text pairs with prompt+chosen = prompt+rejected = seq tokens (EOS counted)."""
-    import random
-
-    rng = random.Random(seed)
-    prompt_len = max(1, int(seq * PROMPT_FRACTION))
-    response_words = seq - prompt_len - 1  # TRL appends EOS to each response
-
-    def words(k: int) -> str:
-        return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(k))
-
-    return [
-        {
-            "prompt": words(prompt_len),
-            "chosen": " " + words(response_words),
-            "rejected": " " + words(response_words),
-        }
-        for _ in range(n)
-    ]
+SMOKE = {**TINY_LLAMA, "seq": 64}
 
 
 # -- one configuration, in a subprocess -----------------------------------------
@@ -242,7 +97,6 @@ def worker(spec: dict) -> dict:
     """Build, train warm-up + timed steps of one configuration; measure."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
 
     cfg = CONFIGS[spec["config"]]
@@ -304,13 +158,7 @@ def worker(spec: dict) -> dict:
             disable_tqdm=True,
             seed=0,
         )
-        lora = LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
+        lora = lora_config()
         tokenizer = word_tokenizer(spec["vocab"])
         rows = pair_rows(steps, spec["seq"], spec["vocab"])
         trainer = trainer_cls(
@@ -377,10 +225,7 @@ def worker(spec: dict) -> dict:
 # -- orchestration ------------------------------------------------------------
 def run_config(spec: dict, timeout: int) -> dict:
     """One configuration at one length in a fresh Python process."""
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = set_env_defaults(dict(os.environ))
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
@@ -459,13 +304,7 @@ def gpu_info() -> dict:
             info[pkg] = None
     if not torch.cuda.is_available():
         return info
-    props = torch.cuda.get_device_properties(0)
-    info.update(
-        name=props.name,
-        total_memory_gib=props.total_memory / GIB,
-        capability=f"{props.major}.{props.minor}",
-        multiprocessors=props.multi_processor_count,
-    )
+    info.update(gpu_properties())
     try:
         info["driver"] = (
             subprocess.run(
@@ -479,16 +318,7 @@ def gpu_info() -> dict:
         )
     except (OSError, subprocess.SubprocessError):
         info["driver"] = None
-    info["peak_bf16_tflops"] = peak_tflops(props.name)
     return info
-
-
-def peak_tflops(name: str) -> float | None:
-    """Dense bf16 peak of a known GPU, else None (MFU is then omitted)."""
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return tflops
-    return None
 
 
 def slug(text: str) -> str:

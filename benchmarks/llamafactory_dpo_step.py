@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_step import RESULTS, machine  # noqa: E402
+from workload import RESULTS, machine  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -40,8 +40,8 @@ def prepare(args, root: Path) -> tuple[Path, Path]:
     """The random model (with its tokenizer) and the pairs, written once."""
     import torch
     from dpo_step import llama_config  # same folder
-    from gpu_dpo_24gb import pair_rows, word_tokenizer
     from transformers import LlamaForCausalLM
+    from workload import pair_rows, word_tokenizer
 
     model_dir, data_dir = root / "model", root / "data"
     torch.manual_seed(0)

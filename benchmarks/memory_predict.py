@@ -16,6 +16,7 @@ loss (policy forward of chosen+rejected, reference pass with the adapter disable
 backward, clip_grad_norm_, AdamW (foreach, as on CUDA). Configurations:
 
     stock              TRL's own DPOTrainer._compute_loss (gpu_check.stock_loss)
+                       (TRL is needed: no copy of its loss stands in)
     prefalign          core.preference.PreferenceStep, padded batch
     prefalign_packed   the same, packed (one row, position ids restart per sequence)
 
@@ -44,53 +45,28 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import platform
+import subprocess
 import sys
 import time
 import weakref
 from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-for _var, _value in {
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_var, _value)
+import workload
+from workload import GIB, HERE, LLAMA3_8B_WIDTH, REPO, RESULTS
+
+workload.set_env_defaults(one_thread=True)  # before torch reads the thread count
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-RESULTS = HERE / "results"
-GIB = 2**30
 MIB = 2**20
 # Under FakeTensorMode, results of real ops above this many elements become fake.
 REAL_LIMIT = 2**22
 CONFIGS = ("stock", "prefalign", "prefalign_packed")
-LLAMA3_8B_WIDTH = {
-    "vocab": 128256,
-    "hidden": 4096,
-    "heads": 32,
-    "kv_heads": 8,
-    "intermediate": 14336,
-}
-# Llama-3-70B (and 3.1/3.3-70B): 80 layers of this width.
-LLAMA3_70B_WIDTH = {
-    "vocab": 128256,
-    "hidden": 8192,
-    "heads": 64,
-    "kv_heads": 8,
-    "intermediate": 28672,
-}
 SETTINGS = {
     "full": {
         "model": LLAMA3_8B_WIDTH,
@@ -357,43 +333,12 @@ def _nf4_fake_weight(weight, module):
 
 
 def build_fake_base(shapes: dict, nf4: bool = True):
-    """gpu_dpo_24gb.build_model under FakeTensorMode: the same LlamaForCausalLM in
-    bf16, every decoder nn.Linear swapped for a bitsandbytes NF4 Linear4bit (or, with
+    """workload.build_model under FakeTensorMode: the same LlamaForCausalLM in bf16,
+    every decoder nn.Linear swapped for a bitsandbytes NF4 Linear4bit (or, with
     `nf4=False`, left in bf16: LoRA on a bf16 base)."""
-    import bitsandbytes as bnb
-    import gpu_dpo_24gb as g
-    from torch import nn
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(
-        g.llama_config(shapes), dtype=torch.bfloat16, attn_implementation="sdpa"
+    model, _ = workload.build_model(
+        shapes, "cpu", torch.bfloat16, nf4=nf4, nf4_weight=_nf4_fake_weight
     )
-    targets = [
-        (parent, name)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if nf4 and type(child) is nn.Linear and name != "lm_head"
-    ]
-    for parent, name in targets:
-        child = getattr(parent, name)
-        with unset_fake_temporarily():  # a real meta Params4bit, replaced below
-            q = bnb.nn.Linear4bit(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                compute_dtype=torch.bfloat16,
-                compress_statistics=False,
-                quant_type="nf4",
-                device="meta",
-            )
-        q.weight = _nf4_fake_weight(child.weight.data, q)
-        if child.bias is not None:
-            q.bias = child.bias
-        setattr(parent, name, q)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.is_loaded_in_4bit = nf4
     return model
 
 
@@ -430,36 +375,17 @@ def build(
     """The QLoRA model as gpu_check._prepare leaves it on CUDA (bf16 everywhere it
     is not NF4; `nf4=False`, fake only: LoRA on a bf16 base), AdamW (foreach) with
     its states already there (as after step 1)."""
-    import gpu_dpo_24gb as g
-    from peft import LoraConfig, get_peft_model
-
     shapes = {**model_spec, "layers": layers, "seq": seq, "attn": "sdpa"}
     if fake:
         base = build_fake_base(shapes, nf4=nf4)
     else:
         if not nf4:
             raise ValueError("nf4=False is built fake only (no CPU bf16 path here)")
-        base, _ = g.build_model(shapes, "cpu", torch.bfloat16)
-    lora = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    if fake:
-        with _fake_module_to():
-            model = get_peft_model(base, lora)
-    else:
-        model = get_peft_model(base, lora)
-    model.enable_input_require_grads()
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=setup.gc_kwargs)
-    model.train()
-    model = setup.accelerator.prepare_model(model, device_placement=False)
-    params = [p for p in model.parameters() if p.requires_grad]
+        base, _ = workload.build_model(shapes, "cpu", torch.bfloat16)
+    with _fake_module_to() if fake else contextlib.nullcontext():
+        model, params = workload.lora_for_training(
+            base, torch.bfloat16, setup.gc_kwargs, setup.accelerator
+        )
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True)
     for p in params:  # AdamW's own _init_group, without a step
         optimizer.state[p] = {
@@ -473,9 +399,9 @@ def build(
 def loss_fn(setup: Setup, model, config: str):
     if config == "stock":
         args, reason = setup.trl
-        fn, about = setup.gc.stock_loss(
-            model, setup.accelerator, args, reason, gc_kwargs=setup.gc_kwargs
-        )
+        if args is None:
+            raise SystemExit(f"stock runs TRL's own DPO loss; TRL: {reason}")
+        fn, about = setup.gc.stock_loss(model, setup.accelerator, args)
     else:
         fn, about = setup.gc.ours_loss(
             model, setup.accelerator, packing=config.endswith("packed")
@@ -601,7 +527,7 @@ def run(settings: dict, quick: bool) -> dict:
         "machine": gpu_check.versions()
         | {
             "python": platform.python_version(),
-            "cpu": _cpu_name(),
+            "cpu": workload.cpu_name(),
             "torch_threads": torch.get_num_threads(),
         },
         "settings": settings,
@@ -736,16 +662,6 @@ def run(settings: dict, quick: bool) -> dict:
     return report
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(report: dict) -> str:
     pred = report["prediction"]
     cap = pred["cap_gib"]
@@ -795,10 +711,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", help="JSON path (default: results/memory_predict_cpu.json")
     args = ap.parse_args(argv)
-    if args.sharded:
-        import memory_sharded
-
-        return memory_sharded.main(quick=args.quick, out=args.out)
+    if args.sharded:  # its own program: memory_sharded builds on this module
+        cmd = [sys.executable, str(HERE / "memory_sharded.py")]
+        cmd += ["--quick"] * args.quick + (["--out", args.out] if args.out else [])
+        return subprocess.call(cmd)
     settings = SETTINGS["quick" if args.quick else "full"]
     report = run(settings, args.quick)
     out = Path(args.out) if args.out else None

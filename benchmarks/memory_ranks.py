@@ -20,8 +20,8 @@ one DPO step on 2 processes under each engine, as the users' configs shard it:
            (MixedPrecisionPolicy), PEFT's fp32 adapters, AdamW, and accelerate's
            bf16 wrap of the forward (autocast, outputs converted to fp32)
 
-Per rank and loss (stock: gpu_check's line-by-line copy of TRL 1.9's full-logits
-`_compute_loss`, whose bytes in one process equal TRL's own; prefalign:
+Per rank and loss (stock: TRL's own full-logits `DPOTrainer._compute_loss`, called
+through gpu_check.stock_loss; prefalign:
 core.preference.PreferenceStep) it records, as live tensor bytes (memory_predict's
 `LiveBytes`, real tensors): what the rank holds before the step (every tensor alive
 after a warm-up step: parameter shards, optimizer states, engine buffers, the
@@ -220,15 +220,15 @@ def live_tensors(model, optimizer):
 def build_model(engine: str):
     """The bf16 Llama with LoRA r=16 on all linear layers, checkpointing on; PEFT's
     fp32 adapters stay fp32 under FSDP2 (DeepSpeed casts the module to bf16)."""
-    import gpu_dpo_24gb as g
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from workload import llama_config
 
     torch.manual_seed(0)
     spec = {**SHAPE, "layers": LAYERS, "seq": SEQ}
     base = AutoModelForCausalLM.from_config(
-        g.llama_config(spec), dtype=torch.bfloat16, attn_implementation="sdpa"
+        llama_config(spec), dtype=torch.bfloat16, attn_implementation="sdpa"
     )
     base.requires_grad_(False)
     lora = LoraConfig(
@@ -310,10 +310,11 @@ def loss_fn(engine: str, config: str, model):
     if config == "prefalign":
         fn, _ = gpu_check.ours_loss(model, _Unwrap(), packing=False)
         return fn
-    policy = _Policy(model) if hasattr(model, "module") else model
-    return lambda batch: gpu_check.stock_mirror_loss(
-        policy, batch, beta=gpu_check.BETA, gc_kwargs=GC_KWARGS[engine]
-    )
+    args, reason = gpu_check.trl_args(cuda=False, gc_kwargs=GC_KWARGS[engine])
+    if args is None:
+        raise SystemExit(f"stock runs TRL's own DPO loss; TRL: {reason}")
+    fn, _ = gpu_check.stock_loss(model, gpu_check.OneRankAccelerator(), args)
+    return fn
 
 
 def train_step(engine: str, model, optimizer, fn, batch, phase=None) -> None:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import memory_predict as mp
+from workload import LLAMA3_8B_WIDTH, LLAMA3_70B_WIDTH
 
 LORA_R = 16
 # Bytes per trainable (LoRA) parameter on a rank, before dividing by N.
@@ -45,14 +46,14 @@ LORA_R = 16
 TRAINABLE_BYTES = {"zero3": 2 + 4 + 4 + 8, "fsdp2": 4 + 4 + 8}
 SCENARIOS = {
     "llama3-70b-qlora-zero3": {
-        "model": mp.LLAMA3_70B_WIDTH,
+        "model": LLAMA3_70B_WIDTH,
         "layers": 80,
         "nf4": True,
         "engine": "zero3",
         "worlds": [[2, 80.0], [4, 24.0], [8, 24.0]],
     },
     "llama3-8b-lora-fsdp2": {
-        "model": mp.LLAMA3_8B_WIDTH,
+        "model": LLAMA3_8B_WIDTH,
         "layers": 32,
         "nf4": False,
         "engine": "fsdp2",
@@ -332,4 +333,6 @@ def main(quick: bool = False, out: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(quick="--quick" in sys.argv))
+    argv = sys.argv[1:]
+    out = argv[argv.index("--out") + 1] if "--out" in argv else None
+    sys.exit(main(quick="--quick" in argv, out=out))

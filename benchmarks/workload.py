@@ -122,6 +122,20 @@ def peak_tflops(name: str) -> float | None:
     return None
 
 
+def gpu_properties() -> dict:
+    """GPU 0's name, memory, compute capability, SM count and bf16 peak."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "name": props.name,
+        "total_memory_gib": props.total_memory / GIB,
+        "capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "peak_bf16_tflops": peak_tflops(props.name),
+    }
+
+
 # -- the QLoRA model -----------------------------------------------------------------
 def _params4bit(weight, module):
     """The NF4 weight bitsandbytes makes: Params4bit quantizes when moved to a real

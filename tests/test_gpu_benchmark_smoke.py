@@ -23,12 +23,21 @@ def bench(monkeypatch):
     return gpu_dpo_24gb
 
 
-def test_flops_params_plus_embeddings_and_norms_is_llama3_8b_size(bench):
-    spec = bench.LLAMA3_8B
+@pytest.fixture()
+def workload(monkeypatch):
+    """benchmarks/workload.py: the shapes, model and data every benchmark shares."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import workload
+
+    return workload
+
+
+def test_flops_params_plus_embeddings_and_norms_is_llama3_8b_size(workload):
+    spec = workload.LLAMA3_8B
     embedding = spec["vocab"] * spec["hidden"]
     norms = (2 * spec["layers"] + 1) * spec["hidden"]
     # Meta's Llama-3-8B has 8,030,261,248 parameters.
-    assert bench.flops_params(spec) + embedding + norms == 8_030_261_248
+    assert workload.flops_params(spec) + embedding + norms == 8_030_261_248
 
 
 @pytest.mark.parametrize(
@@ -41,8 +50,8 @@ def test_flops_params_plus_embeddings_and_norms_is_llama3_8b_size(bench):
         ("NVIDIA GeForce RTX 4090", None),
     ],
 )
-def test_peak_tflops_table(bench, name, tflops):
-    assert bench.peak_tflops(name) == tflops
+def test_peak_tflops_table(workload, name, tflops):
+    assert workload.peak_tflops(name) == tflops
 
 
 def _fake_runs(bench, monkeypatch, fits_up_to):
@@ -79,9 +88,9 @@ def test_search_goes_down_when_seq_does_not_fit(bench, monkeypatch):
     assert found["max_seq_per_side"] == 1024
 
 
-def test_pairs_tokenize_to_exactly_seq_tokens_per_side(bench):
-    tok = bench.word_tokenizer(500)
-    for row in bench.pair_rows(3, seq=40, vocab=500):
+def test_pairs_tokenize_to_exactly_seq_tokens_per_side(workload):
+    tok = workload.word_tokenizer(500)
+    for row in workload.pair_rows(3, seq=40, vocab=500):
         prompt = tok(row["prompt"])["input_ids"]
         chosen = tok(row["prompt"] + row["chosen"] + tok.eos_token)["input_ids"]
         rejected = tok(row["prompt"] + row["rejected"] + tok.eos_token)["input_ids"]
@@ -91,13 +100,13 @@ def test_pairs_tokenize_to_exactly_seq_tokens_per_side(bench):
         assert max(chosen) < 500
 
 
-def test_quantize_swaps_decoder_linears_for_nf4_and_keeps_lm_head(bench):
+def test_quantize_swaps_decoder_linears_for_nf4_and_keeps_lm_head(bench, workload):
     import bitsandbytes as bnb
     import torch
     from torch import nn
 
     spec = {**bench.SMOKE, "attn": "sdpa"}
-    model, n = bench.build_model(spec, "cpu", torch.float32)
+    model, n = workload.build_model(spec, "cpu", torch.float32)
     assert n == 7 * spec["layers"]
     layer = model.model.layers[0]
     for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):

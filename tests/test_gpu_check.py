@@ -95,7 +95,8 @@ def test_dry_run_dpo_step_has_ours_and_stock_rows(dry_run):
         assert len(r["step_times_s"]) == settings["warmup"] + settings["steps"]
         assert r["linears_nf4"] == 7 * settings["model"]["layers"]
         assert r["lora_params"] > 0 and r["speedup_vs_stock"] > 0
-    assert rows["stock"]["impl"].startswith(("trl ", "mirror of TRL"))
+    assert rows["stock"]["impl"].startswith("trl ")
+    assert rows["stock"]["impl"].endswith("DPOTrainer._compute_loss")
     assert rows["prefalign"]["impl"].endswith("PreferenceStep (padded)")
     assert rows["prefalign_packed"]["impl"].endswith("PreferenceStep (packing)")
     assert rows["prefalign_packed"]["packing"] and not rows["prefalign"]["packing"]
@@ -133,47 +134,83 @@ def test_dry_run_cce_part_runs_its_harness(dry_run):
         assert part["status"] == "ok"
 
 
-def test_stock_mirror_is_trls_compute_loss(bench):
-    """The fallback used where TRL cannot be imported computes what TRL does."""
-    pytest.importorskip("trl")
-    import gpu_dpo_24gb as g
+def _tiny_qlora(bench):
+    """The dry run's model, AdamW and accelerator, in this process."""
     import torch
     from accelerate import Accelerator
 
     spec = {**bench.SETTINGS["dry"], "dry_run": True}
-    gc_kwargs = {"use_reentrant": False}
-    args, reason = bench.trl_args(cuda=False, gc_kwargs=gc_kwargs)
-    assert args is not None, reason
     accelerator = Accelerator(mixed_precision="no", cpu=True)
-    model, params, optimizer, gc_kwargs, _ = bench._prepare(torch, spec, g, accelerator)
-    trl_fn, about = bench.stock_loss(
-        model, accelerator, args, None, gc_kwargs=gc_kwargs
-    )
+    model, params, optimizer, _ = bench._prepare(torch, spec, accelerator)
+    return spec, model, params, optimizer, accelerator
+
+
+def _plain_logps(model, batch):
+    """Summed completion log-probs from the full logits, fp32: the plain reference."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    picked = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None])[
+        ..., 0
+    ]
+    return (picked * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def test_stock_arm_runs_trls_own_compute_loss(bench, monkeypatch):
+    """The stock loss is TRL's DPOTrainer._compute_loss itself, on every step."""
+    pytest.importorskip("trl")
+    import torch
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    calls = []
+    upstream = DPOTrainer._compute_loss
+
+    def spy(self, model, inputs, return_outputs):
+        calls.append(inputs["input_ids"].shape)
+        return upstream(self, model, inputs, return_outputs)
+
+    monkeypatch.setattr(DPOTrainer, "_compute_loss", spy)
+    args, reason = bench.trl_args(cuda=False, gc_kwargs={"use_reentrant": False})
+    assert args is not None, reason
+    spec, model, params, optimizer, accelerator = _tiny_qlora(bench)
+    trl_fn, about = bench.stock_loss(model, accelerator, args)
+    assert about["impl"].startswith("trl ") and "_compute_loss" in about["impl"]
     vocab = spec["model"]["vocab"]
-    # One step first, so that the policy differs from the reference.
     first = bench.pair_batch(torch, 32, vocab, "cpu", 0)
+    loss0, _, _ = trl_fn(first)  # LoRA B = 0: policy = reference
+    assert loss0.item() == pytest.approx(0.6931471805599453, abs=1e-6)
     bench._train_step(torch, trl_fn, first, params, optimizer, False, False, False)
-    assert about["impl"].startswith("trl "), about
-
-    def mirror(batch):
-        return bench.stock_mirror_loss(
-            model, batch, beta=bench.BETA, gc_kwargs=gc_kwargs
-        )
-
     batch = bench.pair_batch(torch, 32, vocab, "cpu", 1)
-    got = {}
-    for name, fn in (("trl", trl_fn), ("mirror", mirror)):
-        loss, chosen, rejected = fn(batch)
-        loss.backward()
-        got[name] = (loss.item(), chosen, rejected, [p.grad.clone() for p in params])
-        optimizer.zero_grad(set_to_none=True)
-    (l1, c1, r1, g1), (l2, c2, r2, g2) = got["trl"], got["mirror"]
-    assert l1 != pytest.approx(0.6931471805599453, abs=1e-9)
-    assert l2 == pytest.approx(l1, rel=1e-6)
-    torch.testing.assert_close(c2.sum(), c1.sum(), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(r2.sum(), r1.sum(), rtol=1e-5, atol=1e-4)
-    for a, b in zip(g2, g1, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    loss, chosen, rejected = trl_fn(batch)
+    assert calls == [(2, 32)] * 3
+    assert loss.item() != pytest.approx(0.6931471805599453, abs=1e-6)
+    with torch.no_grad():
+        plain = _plain_logps(model, batch)
+    torch.testing.assert_close(chosen.sum(), plain[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(rejected.sum(), plain[1], rtol=1e-5, atol=1e-4)
+
+
+def test_stock_arm_without_trl_is_skipped_with_the_reason(bench, monkeypatch, capsys):
+    """No copy of TRL's loss stands in: the stock rows say skipped, and why."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
+    args, reason = bench.trl_args(cuda=False, gc_kwargs={"use_reentrant": False})
+    assert args is None and "import of trl halted" in reason
+    spec = {**bench.SETTINGS["dry"], "_trl": (args, reason)}
+    bench.dpo_config(torch, None, "stock", spec, 0.0)
+    records = [
+        json.loads(line[len("RECORD ") :])
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("RECORD ")
+    ]
+    assert [(r["kind"], r["status"]) for r in records] == [
+        ("dpo_step", "skipped"),
+        ("max_length", "skipped"),
+    ]
+    for record in records:
+        assert record["reason"].startswith("TRL's DPOTrainer cannot be imported: ")
+        assert "import of trl halted" in record["reason"]
 
 
 def test_a_hanging_worker_is_killed_and_what_it_said_is_kept(bench, tmp_path):

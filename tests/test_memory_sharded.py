@@ -86,9 +86,11 @@ def test_predict_adds_measured_step_to_computed_shards(ms):
 
 def test_scenarios_reuse_the_benchmark_shapes(ms):
     import memory_predict as mp
+    import workload
 
-    assert ms.SCENARIOS["llama3-70b-qlora-zero3"]["model"] is mp.LLAMA3_70B_WIDTH
-    assert ms.SCENARIOS["llama3-8b-lora-fsdp2"]["model"] is mp.LLAMA3_8B_WIDTH
+    assert ms.SCENARIOS["llama3-70b-qlora-zero3"]["model"] is workload.LLAMA3_70B_WIDTH
+    assert ms.SCENARIOS["llama3-8b-lora-fsdp2"]["model"] is workload.LLAMA3_8B_WIDTH
+    assert mp.SETTINGS["full"]["model"] is workload.LLAMA3_8B_WIDTH
 
 
 @pytest.mark.slow  # the --sharded --quick run: about 40 s on 2 busy cores
