@@ -62,26 +62,31 @@ def build_tiny_tokenizer(path: Path):
     return fast
 
 
-def build_tiny_llama(path: Path, vocab_size: int, seed: int = 0):
-    """A 2-layer random Llama small enough to train on the CPU in seconds."""
+def tiny_llama(vocab_size: int, seed: int = 0, **config):
+    """A 2-layer random Llama small enough to train on the CPU in seconds; `config`
+    overrides its LlamaConfig settings."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    settings = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+    }
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **settings | config))
+
+
+def build_tiny_llama(path: Path, vocab_size: int, seed: int = 0):
+    """`tiny_llama`, saved to `path` (HF format)."""
+    model = tiny_llama(vocab_size, seed)
     model.save_pretrained(path)
     return model
 

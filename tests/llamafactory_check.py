@@ -19,6 +19,7 @@ import json
 import sys
 
 import torch
+from llamafactory_recorder import recording_install
 
 
 def _floats(t: torch.Tensor) -> list[float]:
@@ -32,43 +33,33 @@ def compare(config: str, out_path: str) -> None:
 
     stock = lf_trainer.CustomDPOTrainer
     records: list[dict] = []
-    install = launcher.install
 
-    def recording_install(pa):
-        ours = install(pa)
+    def record(trainer, model, batch, train_eval, loss, metrics) -> None:
+        with torch.no_grad():
+            lf_loss, lf_metrics = stock.get_batch_loss_metrics(
+                trainer, model, batch, train_eval
+            )
+            policy = stock.concatenated_forward(trainer, model, batch)
+            ref_c, ref_r = stock.compute_reference_log_probs(trainer, model, batch)
+        valid = (batch["labels"][:, 1:] != -100).sum(-1)
+        records.append(
+            {
+                "step": trainer.state.global_step,
+                "loss": float(loss),
+                "metrics": metrics,
+                "lf_loss": float(lf_loss),
+                "lf_metrics": lf_metrics,
+                "lf_loss_type": trainer.loss_type,
+                "beta": trainer.beta,
+                "policy_chosen": _floats(policy["chosen_logps"]),
+                "policy_rejected": _floats(policy["rejected_logps"]),
+                "ref_chosen": _floats(ref_c),
+                "ref_rejected": _floats(ref_r),
+                "lengths": [int(x) for x in valid],
+            }
+        )
 
-        class Recording(ours):
-            def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-                loss, metrics = super().get_batch_loss_metrics(model, batch, train_eval)
-                with torch.no_grad():
-                    lf_loss, lf_metrics = stock.get_batch_loss_metrics(
-                        self, model, batch, train_eval
-                    )
-                    policy = stock.concatenated_forward(self, model, batch)
-                    ref_c, ref_r = stock.compute_reference_log_probs(self, model, batch)
-                valid = (batch["labels"][:, 1:] != -100).sum(-1)
-                records.append(
-                    {
-                        "step": self.state.global_step,
-                        "loss": float(loss),
-                        "metrics": metrics,
-                        "lf_loss": float(lf_loss),
-                        "lf_metrics": lf_metrics,
-                        "lf_loss_type": self.loss_type,
-                        "beta": self.beta,
-                        "policy_chosen": _floats(policy["chosen_logps"]),
-                        "policy_rejected": _floats(policy["rejected_logps"]),
-                        "ref_chosen": _floats(ref_c),
-                        "ref_rejected": _floats(ref_r),
-                        "lengths": [int(x) for x in valid],
-                    }
-                )
-                return loss, metrics
-
-        lf_trainer.CustomDPOTrainer = Recording
-        return Recording
-
-    launcher.install = recording_install
+    launcher.install = recording_install(launcher.install, record)
     launcher.train(config)
     with open(out_path, "w", encoding="utf-8") as fh:
         json.dump(records, fh)

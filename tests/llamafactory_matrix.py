@@ -22,6 +22,8 @@ import sys
 from typing import Any
 from unittest import mock
 
+from llamafactory_recorder import recording_install
+
 
 class _Lines(logging.Handler):
     def __init__(self) -> None:
@@ -32,42 +34,29 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _recording(launcher, tokenizer, batches: list[dict[str, Any]]):
-    install = launcher.install
+def _recorder(tokenizer, batches: list[dict[str, Any]]):
+    """Per batch: our loss and metrics, the decoded sequences and responses."""
 
-    def recording_install(pa):
-        import llamafactory.train.dpo.trainer as lf_trainer
+    def record(trainer, model, batch, train_eval, loss, metrics) -> None:
+        ids, labels = batch["input_ids"], batch["labels"]
+        half = ids.shape[0] // 2
+        batches.append(
+            {
+                "step": trainer.state.global_step,
+                "loss": float(loss),
+                "metrics": metrics,
+                "chosen": tokenizer.decode(ids[0], skip_special_tokens=True),
+                "rejected": tokenizer.decode(ids[half], skip_special_tokens=True),
+                "chosen_response": tokenizer.decode(
+                    ids[0][labels[0] != -100], skip_special_tokens=True
+                ),
+                "rejected_response": tokenizer.decode(
+                    ids[half][labels[half] != -100], skip_special_tokens=True
+                ),
+            }
+        )
 
-        ours = install(pa)
-
-        class Recording(ours):
-            def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-                loss, metrics = super().get_batch_loss_metrics(model, batch, train_eval)
-                ids, labels = batch["input_ids"], batch["labels"]
-                half = ids.shape[0] // 2
-                batches.append(
-                    {
-                        "step": self.state.global_step,
-                        "loss": float(loss),
-                        "metrics": metrics,
-                        "chosen": tokenizer.decode(ids[0], skip_special_tokens=True),
-                        "rejected": tokenizer.decode(
-                            ids[half], skip_special_tokens=True
-                        ),
-                        "chosen_response": tokenizer.decode(
-                            ids[0][labels[0] != -100], skip_special_tokens=True
-                        ),
-                        "rejected_response": tokenizer.decode(
-                            ids[half][labels[half] != -100], skip_special_tokens=True
-                        ),
-                    }
-                )
-                return loss, metrics
-
-        lf_trainer.CustomDPOTrainer = Recording
-        return Recording
-
-    return recording_install
+    return record
 
 
 def run_one(launcher, tokenizer, spec: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +66,7 @@ def run_one(launcher, tokenizer, spec: dict[str, Any]) -> dict[str, Any]:
     ours = logging.getLogger("axolotl_prefalign")
     ours.addHandler(lines)
     installed: list[type] = []
-    recording = _recording(launcher, tokenizer, batches)
+    recording = recording_install(launcher.install, _recorder(tokenizer, batches))
 
     def install(pa):
         installed.append(recording(pa))

@@ -63,22 +63,16 @@ def build(case: str):
 
 
 def base(tied: bool = False):
-    """The tiny random Llama, the same on every process."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """conftest's tiny Llama at half its width, the same on every process."""
+    from conftest import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
+    return tiny_llama(
+        VOCAB,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
-        pad_token_id=0,
         tie_word_embeddings=tied,
     )
-    return LlamaForCausalLM(config)
 
 
 def pairs(step: int) -> list[tuple[list[int], list[int], list[int], bool]]:
