@@ -1,18 +1,20 @@
 """The vocabulary-tiled fused path (online log-sum-exp over column tiles) equals the
-plain path, values and every gradient, and never builds a block over its tile. Its
+plain path, values and every gradient, and never builds a block over its tile; so
+does SPA's DND mixture (mixed_token_logprobs). Its
 bf16 bound is the untiled one (test_logprobs.py, parametrized over vocab_tile)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_logprobs import RecordOutputs, grads, make_case
+from test_logprobs import RecordOutputs, grads, make_case, plain_mixed
 
 from axolotl_prefalign.core.logprobs import (
     TILED_CHUNK,
     VOCAB_TILE,
     default_chunk_size,
     default_vocab_tile,
+    mixed_token_logprobs,
     plain_token_logprobs,
     token_logprobs,
 )
@@ -126,3 +128,56 @@ def test_bad_vocab_tile_is_a_clear_error():
     hidden, weight, _, labels = make_case(1, 4, 4, 9)
     with pytest.raises(ValueError, match="vocab_tile must be >= 1, got 0"):
         token_logprobs(hidden, weight, labels, vocab_tile=0)
+
+
+@pytest.mark.parametrize("mix", [1.5, 0.5])
+@pytest.mark.parametrize(
+    ("chunk_size", "tile"), [(4, 7), (3, 1), (1024, 44)]
+)  # 45 = 6·7 + 3; one column per tile; a last tile of one column
+def test_tiled_mixed_logprobs_equal_full_logit_mixture(mix, chunk_size, tile):
+    hidden, weight, bias, labels = make_case(2, 11, 16, 45)
+    ref_hidden, ref_weight, ref_bias, _ = make_case(2, 11, 16, 45, seed=7)
+    out = mixed_token_logprobs(
+        hidden.requires_grad_(True),
+        ref_hidden,
+        weight,
+        labels,
+        mix=mix,
+        ref_weight=ref_weight,
+        bias=bias,
+        ref_bias=ref_bias,
+        chunk_size=chunk_size,
+        vocab_tile=tile,
+    )
+    want = plain_mixed(
+        hidden, ref_hidden, weight, ref_weight, bias, ref_bias, labels, mix
+    )
+    torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
+    assert not out.requires_grad  # a judging pass: no gradient by design
+
+
+@pytest.mark.parametrize(
+    ("vocab", "tile"), [(200, 24), (VOCAB_TILE + 3, None)]
+)  # None: the CPU default, VOCAB_TILE columns
+def test_tiled_mixed_logprobs_never_build_a_block_over_its_tile(vocab, tile):
+    n_tok, hid, chunk = 64, 8, 16
+    hidden, ref_hidden = torch.randn(2, 1, n_tok, hid)
+    weight, ref_weight = torch.randn(2, vocab, hid)
+    labels = torch.randint(0, vocab, (1, n_tok))
+    with RecordOutputs() as rec:
+        mixed_token_logprobs(
+            hidden,
+            ref_hidden,
+            weight,
+            labels,
+            mix=1.5,
+            ref_weight=ref_weight,
+            chunk_size=chunk,
+            vocab_tile=tile,
+        )
+    vocab_wide = [s for _, s in rec.shapes if vocab in s and s != (vocab, hid)]
+    assert not vocab_wide, vocab_wide  # nothing [*, V] but the weights
+    blocks = [s for f, s in rec.shapes if "mm" in f and s[-1] != hid]
+    assert blocks and max(torch.Size(s).numel() for s in blocks) <= chunk * (
+        tile or VOCAB_TILE
+    )

@@ -5,29 +5,40 @@
 The plain path builds z for every position ([tokens, V]: 2.1 GB in fp32 for one Llama-3
 pair of 2×2048 tokens) and autograd keeps several tensors of that size. Here only the
 positions that carry a label reach the head, a chunk of rows at a time, and the
-gradient w.r.t. h is formed in the forward pass (METHODS.md §4):
+gradient w.r.t. h is formed in the forward pass (docs/methods.md#logprob-path):
 
     d log p(y_t) / d h_t = W[y_t] − Σ_v p_tv W[v] = (onehot(y_t) − p_t) W
 
-one [chunk, V] × [V, H] product right after the log-sum-exp, kept as a [tokens, H]
-tensor, so the backward needs no second pass over the vocabulary (two vocabulary-sized
-products per step; a backward that recomputes the logits needs three). The weight
-gradient Σ_t g_t (onehot(y_t) − p_t)ᵀ h_t needs the probabilities again; they are
-recomputed chunk by chunk only when the head trains.
+one [chunk, V] × [V, H] product beside the logits, kept as a [tokens, H] tensor, so
+the backward needs no second pass over the vocabulary (two vocabulary-sized products
+per step; a backward that recomputes the logits needs three). The weight gradient
+Σ_t g_t (onehot(y_t) − p_t)ᵀ h_t needs the probabilities again; they are recomputed
+chunk by chunk only when the head trains.
+
+Every pass goes over the vocabulary through one loop, `_logit_tiles`, which yields
+[chunk, tile] blocks of logits (the untiled case is one tile of all V):
+
+- the forward (frozen or training head) and SPA's DND mixture (two heads' logits,
+  weighted) keep an online log-sum-exp over the tiles (`_online_logprobs`), with
+  E_p[W] accumulated as Σ_{v≠y} e^{z_v−m} W[v] and rescaled as the running max m grows;
+- the backward of a training head recomputes p tile by tile from the saved
+  log-sum-exp (`_head_grads`).
 
 The peak is the forward's: one logits block plus the [tokens, H] direction. On the CPU
-the vocabulary is tiled too (`default_vocab_tile`: blocks of TILED_CHUNK = 512 rows ×
-VOCAB_TILE = 2048 columns, 4 MiB in fp32): an online log-sum-exp over the tiles, with
-E_p[W] accumulated as Σ_{v≠y} e^{z_v−m} W[v] and rescaled as the running max m grows
-(`_tiled_chunk`), so memory does not grow with V and the products keep 512 rows. On
-CUDA (not yet measured tiled) the block is all of V and its rows come from
-`default_chunk_size`, which bounds chunk × V at 2²⁵ elements (128 MiB in fp32): 1024
-rows at V = 32000, 256 at Llama-3's 128256, 128 at Gemma-3's 262144. Thin row blocks
-run the products slower on the CPU (V = 128256: 64 rows take 1.5× the time of 256),
-which is why the CPU tiles columns instead of shrinking rows.
+the vocabulary is tiled (`default_vocab_tile`: blocks of TILED_CHUNK = 512 rows ×
+VOCAB_TILE = 2048 columns, 4 MiB in fp32), so memory does not grow with V and the
+products keep 512 rows. On CUDA (not yet measured tiled) the block is all of V and
+its rows come from `default_chunk_size`, which bounds chunk × V at 2²⁵ elements
+(128 MiB in fp32): 1024 rows at V = 32000, 256 at Llama-3's 128256, 128 at Gemma-3's
+262144. Thin row blocks run the products slower on the CPU (V = 128256: 64 rows take
+1.5× the time of 256), which is why the CPU tiles columns instead of shrinking rows.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -115,59 +126,151 @@ def _add_logits_(
     return out
 
 
-def _softmax_(z: Tensor) -> Tensor:
-    """Turn logits into probabilities in place; return logsumexp (one [chunk, V])."""
-    zmax = z.amax(dim=1, keepdim=True)
-    z.sub_(zmax).exp_()
-    total = z.sum(dim=1, keepdim=True)
-    z.div_(total)
-    return (zmax + total.log()).squeeze(1)
+class _Head(NamedTuple):
+    """One weighted head's share α · (h Wᵀ + b) of the logits; `hidden` is [N, H]."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    alpha: float = 1.0
+
+    def rows(self, index: Tensor) -> _Head:
+        """This head on the rows `index` of its states, cast to its dtype."""
+        return self._replace(
+            hidden=self.hidden.index_select(0, index).to(self.weight.dtype)
+        )
+
+
+def _block(buf: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous [rows, cols] view of the flat block buffer."""
+    return buf[: rows * cols].view(rows, cols)
+
+
+def _logit_tiles(
+    heads: Sequence[_Head], tile: int, buf: Tensor
+) -> Iterator[tuple[int, int, Tensor]]:
+    """(v0, v1, z) per vocabulary tile, z = Σ_heads α · (h W[v0:v1]ᵀ + b[v0:v1]).
+
+    The one loop over the vocabulary. z lives in `buf` and is overwritten by the
+    next tile, so it must be used before the loop moves on.
+    """
+    rows, vocab = heads[0].hidden.shape[0], heads[0].weight.shape[0]
+    for v0 in range(0, vocab, tile):
+        v1 = min(v0 + tile, vocab)
+        z = _block(buf, rows, v1 - v0)
+        for i, head in enumerate(heads):
+            w, b = head.weight[v0:v1], None if head.bias is None else head.bias[v0:v1]
+            if i == 0:
+                _logits_into(z, head.hidden, w, b, head.alpha)
+            else:
+                _add_logits_(z, head.hidden, w, b, head.alpha)
+        yield v0, v1, z
+
+
+def _target_column(y: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
+    """(whether y_t lies in [v0, v1), its column there clamped into the tile).
+
+    A mask rather than `nonzero()`: no host sync on CUDA, and rows outside the tile
+    read a harmless column that `torch.where` then discards.
+    """
+    inside = (y >= v0) & (y < v1)
+    return inside, (y - v0).clamp_(0, v1 - v0 - 1)[:, None]
+
+
+def _online_logprobs(
+    heads: Sequence[_Head], y: Tensor, tile: int, buf: Tensor, grad_dir: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(log p(y), logsumexp) of one row chunk over the tiles of `_logit_tiles`.
+
+    An online log-sum-exp (running max m, rescaled sums), as in flash attention.
+    With `grad_dir` (one head only; written in place) it also accumulates
+    a = Σ_{v≠y} e^{z_v−m} W[v] and s = Σ_{v≠y} e^{z_v−m}, both WITHOUT the target,
+    so that
+
+        W[y] − E_p[W] = (s · W[y] − a) / (s + e^{z_y−m})
+
+    is formed from the other tokens' mass directly: for a confident token (p_y ≈ 1)
+    the difference of two nearly equal vectors never appears.
+    """
+    rows, acc = y.shape[0], buf.dtype
+    m = buf.new_full((rows,), -torch.inf)
+    s, e_y, z_y = (buf.new_zeros(rows) for _ in range(3))
+    weight = heads[0].weight
+    a = None if grad_dir is None else buf.new_zeros(rows, weight.shape[1])
+    for v0, v1, z in _logit_tiles(heads, tile, buf):
+        inside, col = _target_column(y, v0, v1)
+        z_y = torch.where(inside, z.gather(1, col).squeeze(1), z_y)
+        m_new = torch.maximum(m, z.amax(dim=1))
+        scale = (m - m_new).exp_()  # 0 on the first tile (m = −inf)
+        z.sub_(m_new[:, None]).exp_()
+        e_tile = z.gather(1, col).squeeze(1)
+        e_y = torch.where(inside, e_tile, e_y * scale)
+        # The target's own mass is kept apart (e_y), out of s and a.
+        z.scatter_(1, col, torch.where(inside, 0, e_tile)[:, None])
+        s = s.mul_(scale).add_(z.sum(dim=1))
+        if a is not None:
+            w = weight[v0:v1]
+            a.mul_(scale[:, None])
+            if w.dtype == acc:
+                a.addmm_(z, w)
+            else:
+                a.add_(torch.mm(z.to(w.dtype), w))
+        m = m_new
+    total = s + e_y
+    lse = m + total.log()
+    if grad_dir is not None:
+        w_y = weight.index_select(0, y).to(acc)
+        grad_dir.copy_((w_y.mul_(s[:, None]).sub_(a)).div_(total[:, None]))
+    return z_y - lse, lse
+
+
+def _logprobs(
+    heads: Sequence[_Head],
+    index: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+    tile: int,
+    grad_dir: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(log p, logsumexp) at the rows `index` of the heads' flat [N, H] states, a row
+    chunk at a time: no [labelled, H] copy of the hidden states."""
+    n, vocab = index.shape[0], heads[0].weight.shape[0]
+    acc = _acc_dtype(
+        functools.reduce(torch.promote_types, (h.weight.dtype for h in heads))
+    )
+    logps = index.new_empty(n, dtype=acc)
+    lse = index.new_empty(n, dtype=acc)
+    buf = index.new_empty(min(chunk_size, n) * min(tile, vocab), dtype=acc)
+    for start in range(0, n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunk = [head.rows(index[rows]) for head in heads]
+        out = None if grad_dir is None else grad_dir[rows]
+        logps[rows], lse[rows] = _online_logprobs(chunk, targets[rows], tile, buf, out)
+    return logps, lse
 
 
 class _FusedTokenLogprobs(torch.autograd.Function):
     """log p(y_t) at the labelled rows `index` of the flat [N, H] `hidden`, whose
-    `targets` they are; see the module doc. The rows are gathered a chunk at a time
-    (and cast to the head's dtype there): no [labelled, H] copy of the hidden states."""
+    `targets` they are; see the module doc."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, index, targets, chunk_size, tile):
-        n, vocab, dtype = index.shape[0], weight.shape[0], weight.dtype
-        acc = _acc_dtype(dtype)
-        logps = hidden.new_empty(n, dtype=acc)
-        lse = hidden.new_empty(n, dtype=acc)
         # W[y_t] − E_p[W]_t, the whole d log p / d h; hidden-sized, not vocab-sized.
         # Skipped under no_grad (reference and judging passes): half the work.
-        hidden_grad = ctx.needs_input_grad[0]
-        grad_dir = (
-            hidden.new_empty(n, hidden.shape[1], dtype=dtype) if hidden_grad else None
-        )
-        buf = hidden.new_empty(min(chunk_size, n) * min(tile, vocab), dtype=acc)
-        for start in range(0, n, chunk_size):
-            rows = slice(start, start + chunk_size)
-            h = hidden.index_select(0, index[rows]).to(dtype)
-            y = targets[rows, None]
-            if tile < vocab:
-                out = grad_dir[rows] if hidden_grad else None
-                logps[rows], lse[rows] = _tiled_chunk(
-                    h, weight, bias, y.squeeze(1), tile, buf, out
-                )
-                continue
-            z = _logits_into(_block(buf, y.shape[0], vocab), h, weight, bias)
-            target_logit = z.gather(1, y).squeeze(1)
-            lse[rows] = _softmax_(z)
-            logps[rows] = target_logit - lse[rows]
-            if hidden_grad:
-                # onehot − p is formed in fp32 BEFORE the product: for a confident
-                # token (p_y ≈ 1), W[y] − E_p[W] would cancel badly afterwards.
-                z.neg_().scatter_add_(1, y, torch.ones_like(y, dtype=acc))
-                torch.mm(z.to(dtype), weight, out=grad_dir[rows])
+        grad_dir = None
+        if ctx.needs_input_grad[0]:
+            grad_dir = hidden.new_empty(
+                index.shape[0], hidden.shape[1], dtype=weight.dtype
+            )
+        heads = [_Head(hidden, weight, bias)]
+        logps, lse = _logprobs(heads, index, targets, chunk_size, tile, grad_dir)
         head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.chunk_size, ctx.tile = chunk_size, tile
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         # The head is kept for the backward only when it trains (a sharded head's
         # saved weight is gathered again there: core/heads.py).
-        head = (hidden, weight, bias) if head_grad else (None, None, None)
-        ctx.save_for_backward(*head, index, targets, lse, grad_dir)
+        saved = (hidden, weight, bias) if head_grad else (None, None, None)
+        ctx.save_for_backward(*saved, index, targets, lse, grad_dir)
         return logps
 
     @staticmethod
@@ -184,104 +287,48 @@ class _FusedTokenLogprobs(torch.autograd.Function):
                 grad_h.index_copy_(0, index[rows], part.to(grad_h.dtype))
         if hidden is not None:
             grad_w, grad_b = _head_grads(
-                hidden, index, weight, bias, targets, lse, g, ctx.chunk_size, ctx.tile
+                _Head(hidden, weight, bias),
+                index,
+                targets,
+                lse,
+                g,
+                ctx.chunk_size,
+                ctx.tile,
             )
             grad_w = grad_w if ctx.needs_input_grad[1] else None
             grad_b = grad_b if ctx.needs_input_grad[2] else None
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _block(buf: Tensor, rows: int, cols: int) -> Tensor:
-    """A contiguous [rows, cols] view of the flat block buffer."""
-    return buf[: rows * cols].view(rows, cols)
-
-
-def _tiled_chunk(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    y: Tensor,
+def _head_grads(
+    head: _Head,
+    index: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    g: Tensor,
+    chunk_size: int,
     tile: int,
-    buf: Tensor,
-    grad_dir: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """(log p(y), logsumexp) of one row chunk, the vocabulary `tile` columns at a time.
-
-    An online log-sum-exp over the tiles (running max m, rescaled sums), as in
-    flash attention. With `grad_dir` (written in place) it also accumulates
-    a = Σ_{v≠y} e^{z_v−m} W[v] and s = Σ_{v≠y} e^{z_v−m}, both WITHOUT the target,
-    so that
-
-        W[y] − E_p[W] = (s · W[y] − a) / (s + e^{z_y−m})
-
-    is formed from the other tokens' mass directly: for a confident token (p_y ≈ 1)
-    the difference of two nearly equal vectors never appears.
-    """
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    acc = buf.dtype
-    m = hidden.new_full((rows,), -torch.inf, dtype=acc)
-    s = hidden.new_zeros(rows, dtype=acc)
-    e_y = hidden.new_zeros(rows, dtype=acc)
-    z_y = hidden.new_zeros(rows, dtype=acc)
-    a = (
-        hidden.new_zeros(rows, hidden.shape[1], dtype=acc)
-        if grad_dir is not None
-        else None
-    )
-    for v0 in range(0, vocab, tile):
-        v1 = min(v0 + tile, vocab)
-        w = weight[v0:v1]
-        z = _logits_into(
-            _block(buf, rows, v1 - v0), hidden, w, None if bias is None else bias[v0:v1]
-        )
-        here = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
-        cols = y[here] - v0
-        z_y[here] = z[here, cols]
-        m_new = torch.maximum(m, z.amax(dim=1))
-        scale = (m - m_new).exp_()  # 0 on the first tile (m = −inf)
-        z.sub_(m_new[:, None]).exp_()
-        s.mul_(scale)
-        e_y.mul_(scale)
-        e_y[here] = z[here, cols]
-        z[here, cols] = 0
-        s.add_(z.sum(dim=1))
-        if a is not None:
-            a.mul_(scale[:, None])
-            if w.dtype == acc:
-                a.addmm_(z, w)
-            else:
-                a.add_(torch.mm(z.to(w.dtype), w))
-        m = m_new
-    total = s + e_y
-    lse = m + total.log()
-    if grad_dir is not None:
-        w_y = weight.index_select(0, y).to(acc)
-        grad_dir.copy_((w_y.mul_(s[:, None]).sub_(a)).div_(total[:, None]))
-    return z_y - lse, lse
-
-
-def _head_grads(hidden, index, weight, bias, targets, lse, g, chunk_size, tile):
+) -> tuple[Tensor, Tensor | None]:
     """dW = Σ_t g_t (onehot(y_t) − p_t)ᵀ h_t and db = Σ_t g_t (onehot(y_t) − p_t).
 
     p is recomputed block by block ([chunk, tile]) from the saved logsumexp; sums
     kept in fp32.
     """
+    weight, bias = head.weight, head.bias
     n, vocab = index.shape[0], weight.shape[0]
     grad_w = torch.zeros_like(weight, dtype=g.dtype)
     grad_b = None if bias is None else torch.zeros_like(bias, dtype=g.dtype)
-    buf = hidden.new_empty(min(chunk_size, n) * min(tile, vocab), dtype=g.dtype)
+    buf = g.new_empty(min(chunk_size, n) * min(tile, vocab))
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
-        h, y = hidden.index_select(0, index[rows]).to(weight.dtype), targets[rows]
-        for v0 in range(0, vocab, tile):
-            v1 = min(v0 + tile, vocab)
-            b = None if bias is None else bias[v0:v1]
-            z = _logits_into(_block(buf, h.shape[0], v1 - v0), h, weight[v0:v1], b)
+        chunk = head.rows(index[rows])
+        h, y = chunk.hidden.to(g.dtype), targets[rows]
+        for v0, v1, z in _logit_tiles([chunk], tile, buf):
             z.sub_(lse[rows, None]).exp_().neg_()
-            here = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
-            z[here, y[here] - v0] += 1
+            inside, col = _target_column(y, v0, v1)
+            z.scatter_add_(1, col, inside.to(z.dtype)[:, None])
             z.mul_(g[rows, None])
-            grad_w[v0:v1].addmm_(z.t(), h.to(z.dtype))
+            grad_w[v0:v1].addmm_(z.t(), h)
             if grad_b is not None:
                 grad_b[v0:v1].add_(z.sum(dim=0))
     return grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype)
@@ -388,14 +435,17 @@ def mixed_token_logprobs(
     bias: Tensor | None = None,
     ref_bias: Tensor | None = None,
     chunk_size: int | None = None,
+    vocab_tile: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Log-probs of labels under mix·z_policy + (1 − mix)·z_ref (SPA's DND: 1 + λ).
 
-    No gradient; 0 where ignored; one [chunk_size, V] block of logits at a time.
+    No gradient; 0 where ignored; one [chunk_size, vocab_tile] block of logits at a
+    time, with the defaults of `token_logprobs`.
     """
-    if chunk_size is None:
-        chunk_size = default_chunk_size(weight.shape[0])
+    chunk_size, tile = block_shape(
+        weight.shape[0], weight.device, chunk_size, vocab_tile
+    )
     ref_weight = weight if ref_weight is None else ref_weight
     ref_bias = bias if ref_bias is None else ref_bias
     mask = _check_inputs(hidden, weight, labels, bias, chunk_size, ignore_index)
@@ -407,31 +457,27 @@ def mixed_token_logprobs(
             f"policy and reference vocabularies differ: {weight.shape[0]} vs "
             f"{ref_weight.shape[0]}"
         )
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    ref_dtype = torch.promote_types(ref_hidden.dtype, ref_weight.dtype)
-    weight, ref_weight = weight.to(dtype), ref_weight.to(ref_dtype)
-    bias = bias.to(dtype) if bias is not None else None
-    ref_bias = ref_bias.to(ref_dtype) if ref_bias is not None else None
+    heads = [
+        _cast_head(hidden, weight, bias, mix),
+        _cast_head(ref_hidden, ref_weight, ref_bias, 1 - mix),
+    ]
     flat_mask = mask.reshape(-1)
     index = flat_mask.nonzero().squeeze(1)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).to(dtype)
-    ref_rows = ref_hidden.reshape(-1, ref_hidden.shape[-1]).index_select(0, index)
-    ref_rows = ref_rows.to(ref_dtype)
     targets = labels.reshape(-1).index_select(0, index).long()
-    n = rows.shape[0]
-    acc = _acc_dtype(torch.promote_types(dtype, ref_dtype))
-    logps = rows.new_empty(n, dtype=acc)
-    buf = rows.new_empty(min(chunk_size, n), weight.shape[0], dtype=acc)
-    for start in range(0, n, chunk_size):
-        span = slice(start, start + chunk_size)
-        y = targets[span, None]
-        z = _logits_into(buf[: y.shape[0]], rows[span], weight, bias, alpha=mix)
-        _add_logits_(z, ref_rows[span], ref_weight, ref_bias, alpha=1 - mix)
-        target_logit = z.gather(1, y).squeeze(1)
-        logps[span] = target_logit - _softmax_(z)
+    logps, _ = _logprobs(heads, index, targets, chunk_size, tile)
     _check_finite(logps)
     out = logps.new_zeros(flat_mask.shape[0]).index_copy(0, index, logps)
     return out.view(labels.shape)
+
+
+def _cast_head(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, alpha: float
+) -> _Head:
+    """A head on the flattened `hidden`, in the promoted dtype of states and weight."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    cast_bias = None if bias is None else bias.to(dtype)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _Head(flat, weight.to(dtype), cast_bias, alpha)
 
 
 def plain_token_logprobs(
