@@ -2,7 +2,7 @@
 
 Axolotl's own schema silently drops unknown keys, so every model here forbids extra
 keys and `PrefAlignConfig.from_raw` turns pydantic's error into one that names the
-bad key and the valid ones. Defaults are the papers' values (shared/design/METHODS.md).
+bad key and the valid ones. Defaults are the papers' values (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ CONTRAST_TEMPLATE_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
 
 
 class ContrastConfig(_Strict):
-    """Plaintext contrast SFT with negative-answer masking (METHODS.md §2)."""
+    """Plaintext contrast SFT, negative-answer masking (docs/methods.md#contrast)."""
 
     preset: Literal["en", "zh"] = Field(
         "en",
@@ -215,7 +215,7 @@ LOOP = SpaEffect("loop")  # read by the loop alone: in neither the key nor the t
 
 
 class SpaConfig(_Strict):
-    """SPA: spread preference annotation (METHODS.md §1)."""
+    """SPA: Spread Preference Annotation (docs/methods.md#spa)."""
 
     beta: Annotated[float, EXPANSION, TRAINING] = Field(
         0.1, gt=0.0, description="Implicit-reward / DPO beta."
@@ -342,7 +342,7 @@ class RobustFTFields(_Strict):
 
 
 class RobustFTConfig(_Strict):
-    """RobustFT: noise detection, relabelling and selection (METHODS.md §3)."""
+    """RobustFT: detection, relabelling and selection (docs/methods.md#robustft)."""
 
     experts: list[str] = Field(
         default_factory=list,
