@@ -7,9 +7,11 @@ set D_clean ∪ D_select of that entry (the pipeline runs during preprocessing w
 its output does not exist yet); `axolotl prefalign denoise CONFIG` runs it alone.
 Stages: `predict` (experts' plain and reasoning-enhanced replies), `answers`
 (extraction), `detect` (clean / noisy), `relabel` (retrieval, context-enhanced
-answer, review), `select` (lowest entropy, or per-label quotas), `pipeline`
-(resumable run + report). Beyond the paper: `loglik` (option log-likelihood
-scoring) and `crossfit` (a LoRA expert cross-fitted on the noisy labels).
+answer, review), `select` (lowest entropy, or per-label quotas); `options` (one
+named unit per choice setting's value), `stages` and `pipeline` (the resumable run),
+`report`, `resolve` (YAML entries to runs). Beyond the paper: `loglik` (option
+log-likelihood scoring) and `crossfit` (a LoRA expert cross-fitted on the noisy
+labels).
 Axolotl's tokenizing strategy lives in `integrations/axolotl/robustft_sft.py`;
 `load` below is the door the YAML type reaches.
 """

@@ -2,8 +2,9 @@
 
 `pairs` normalises and renders preference pairs, `judge` the implicit-reward
 judgment, `expand` one iteration's sampling + judging, `gold` the self-labels and
-noise flags against gold answers, `loop` the framework-neutral parts of the seed →
-expand → train orchestration (layout, resumable stages, statistics). The DPO
+noise flags against gold answers; the framework-neutral parts of the seed → expand
+→ train orchestration: `settings` (what each setting affects), `prompts`, `policy`,
+`layout`, `stages` (resumable stages), `report` (statistics) and `loop`. The DPO
 dataset type `axolotl_prefalign.spa_pairs` and the Axolotl runs of the loop live in
 `integrations/axolotl/`.
 """
