@@ -12,7 +12,7 @@ named unit per choice setting's value), `stages` and `pipeline` (the resumable r
 `report`, `resolve` (YAML entries to runs). Beyond the paper: `loglik` (option
 log-likelihood scoring) and `crossfit` (a LoRA expert cross-fitted on the noisy
 labels).
-Axolotl's tokenizing strategy lives in `integrations/axolotl/robustft_sft.py`;
+Axolotl's tokenizing strategy lives in `integrations/axolotl/robustft.py`;
 `load` below is the door the YAML type reaches.
 """
 
