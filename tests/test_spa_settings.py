@@ -128,3 +128,28 @@ def test_only_training_settings_reach_the_trainer():
     assert {k: v for k, v in spa.items() if k != "iteration"} == {
         k: CHANGED[k] for k in TRAINER - {"iteration"}
     }
+
+
+# expansion_meta (what a finished expansion folder records, to be reused) reads
+# three expansion settings through what they produce rather than by name.
+META_PROXY = {
+    "generation_backend": "backend",
+    "init_model": "init_model",
+    "max_prompt_tokens": "prompts_sha",
+}
+
+
+def test_every_expansion_setting_is_recorded_by_the_expansion_files():
+    from axolotl_prefalign.spa.expand import expansion_meta
+
+    gen, judge = expansion_meta(
+        SpaConfig(),
+        1,
+        [(0, "a prompt")],
+        model_id="m",
+        init_model_id="i",
+        backend="hf",
+    )
+    assert set(gen) <= set(judge)
+    recorded = {META_PROXY.get(name, name) for name in EXPANSION_SETTINGS}
+    assert recorded <= set(judge), sorted(recorded - set(judge))
