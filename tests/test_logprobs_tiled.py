@@ -181,3 +181,23 @@ def test_tiled_mixed_logprobs_never_build_a_block_over_its_tile(vocab, tile):
     assert blocks and max(torch.Size(s).numel() for s in blocks) <= chunk * (
         tile or VOCAB_TILE
     )
+
+
+def test_dnd_mixing_uses_the_configured_vocab_tile(monkeypatch):
+    """`prefalign.vocab_tile` reaches SPA's DND mixing as it reaches the loss."""
+    from axolotl_prefalign.core import preference
+    from axolotl_prefalign.core.config import PrefAlignConfig
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(2, 3)
+
+    monkeypatch.setattr(preference, "mixed_token_logprobs", record)
+    cfg = PrefAlignConfig.from_raw({"loss": "spa", "vocab_tile": 7})
+    step = preference.PreferenceStep(cfg, reference=None)
+    layout = type("L", (), {"labels": None, "per_sequence": staticmethod(lambda t: t)})
+    w = torch.zeros(5, 4)
+    step.mixed_logps(torch.zeros(2, 3, 4), (w, None), None, (w, None), layout)
+    assert seen["vocab_tile"] == 7

@@ -359,6 +359,7 @@ class PreferenceStep:
             bias=None if bias is None else bias.detach(),
             ref_bias=None if ref_bias is None else ref_bias.detach(),
             chunk_size=self.config.chunk_size,
+            vocab_tile=self.config.vocab_tile,
         )
         return layout.per_sequence(token_lp)
 
