@@ -238,9 +238,12 @@ def _logprobs(
     acc = _acc_dtype(
         functools.reduce(torch.promote_types, (h.weight.dtype for h in heads))
     )
-    logps = index.new_empty(n, dtype=acc)
-    lse = index.new_empty(n, dtype=acc)
-    buf = index.new_empty(min(chunk_size, n) * min(tile, vocab), dtype=acc)
+    # Made from the hidden states (not the index) so that they follow them: same
+    # device, and fake where they are fake (benchmarks/memory_predict.py).
+    like = heads[0].hidden
+    logps = like.new_empty(n, dtype=acc)
+    lse = like.new_empty(n, dtype=acc)
+    buf = like.new_empty(min(chunk_size, n) * min(tile, vocab), dtype=acc)
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
         chunk = [head.rows(index[rows]) for head in heads]
