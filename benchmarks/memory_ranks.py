@@ -96,11 +96,11 @@ def zero3_config(path: Path, hidden: int, world: int) -> dict:
 
 
 # -- the computed side -----------------------------------------------------------------
-def computed(spec: dict, layers: int, engine: str, world: int) -> dict:
+def computed(spec: dict, layers: int, engine: str, world: int, config: str) -> dict:
     """memory_sharded's per-rank bytes for a bf16 base: the parameter shard (base
     and LoRA parameters), the rest of the held states, and the gathered parts."""
     held = ms.per_rank_held(spec, layers, False, engine, world)
-    gathered = ms.per_rank_gathered(spec, layers, False, engine)
+    gathered = ms.per_rank_gathered(spec, layers, False, engine, config)
     lora = ms.model_parts(spec, layers, False, False)["lora_params"]
     # ZeRO-3 keeps the bf16 LoRA parameter, FSDP2 PEFT's fp32 one (TRAINABLE_BYTES).
     lora_param = (2 if engine == "zero3" else 4) * lora / world
@@ -290,20 +290,6 @@ class _Unwrap:
         return getattr(model, "module", model)
 
 
-class _Policy:
-    """What TRL's loss sees of a DeepSpeed engine: the engine's forward, the PEFT
-    model's methods and properties (the engine passes only some of them on)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def __call__(self, **kwargs):
-        return self.engine(**kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.engine.module, name)
-
-
 def loss_fn(engine: str, config: str, model):
     import gpu_check
 
@@ -459,9 +445,9 @@ def assemble(rows: list[dict], steps: dict) -> list[dict]:
         scenario = {"model": SHAPE, "layers": LAYERS, "nf4": False, "engine": engine}
         step = steps[config]
         predicted = ms.predict(
-            scenario, step, WORLD, 1e9, {"seq": SEQ, "length_step": 8}
+            scenario, step, WORLD, 1e9, {"seq": SEQ, "length_step": 8}, config
         )["peak_gib"]
-        comp = computed(SHAPE, LAYERS, engine, WORLD)
+        comp = computed(SHAPE, LAYERS, engine, WORLD, config)
         step_bytes = step[SEQ]["at_target_gib"] * mp.GIB
         row = {**row, "computed": comp, "one_process_step_bytes": step_bytes}
         row["compare"] = compare(row, comp, step_bytes, predicted * mp.GIB)

@@ -21,7 +21,9 @@ Each rank trains its own micro-batch (one pair), so a rank's peak is
   logits pass or by prefalign's fused path), one decoder layer and the reduce
   bucket (H² bf16). FSDP2 (Axolotl's fsdp2_prepare_model: a unit per decoder layer,
   the root holding embeddings, final norm and lm_head, resharded after forward):
-  the root's parameters through forward and backward, and one decoder layer.
+  the root's parameters through forward and backward, and one decoder layer; with
+  prefalign also the root's all-gather buffer (alive beside the unsharded root while
+  it is gathered again) and the head copy the fused path gathers (`full_tensor`).
 
 The computed single-process baseline is checked against the measured one (same
 model, no engine). Not counted: the CUDA context and allocator (memory_predict's
@@ -159,8 +161,17 @@ def per_rank_held(spec: dict, layers: int, nf4: bool, engine: str, world: int):
     }
 
 
-def per_rank_gathered(spec: dict, layers: int, nf4: bool, engine: str) -> dict:
-    """What the engine holds whole on each rank at the peak, beyond its shard."""
+def per_rank_gathered(
+    spec: dict, layers: int, nf4: bool, engine: str, config: str = "stock"
+) -> dict:
+    """What the engine holds whole on each rank at the peak, beyond its shard.
+
+    FSDP2 with prefalign: the fused loss reads the head after the forward, when the
+    root is resharded, so `full_tensor` gathers the head (one V·H copy), and the
+    peak comes while the root is gathered again for the next forward: FSDP2's
+    all-gather output buffer and the unsharded parameters it is copied into are
+    alive together (twice the root). The 2-rank CPU check (memory_ranks.py) put
+    the peak there, with these parts among its largest tensors."""
     p = model_parts(spec, layers, nf4, double_quant=True)
     lora_layer = 2 * LORA_R * sum(a + b for a, b in linear_shapes(spec))
     layer = p["decoder_layer"] + lora_layer
@@ -170,10 +181,12 @@ def per_rank_gathered(spec: dict, layers: int, nf4: bool, engine: str) -> dict:
             "decoder_layer": layer,
             "reduce_bucket": 2 * spec["hidden"] ** 2,
         }
-    return {
-        "root_embed_norm_lm_head": p["embed"] + p["lm_head"] + 2 * spec["hidden"],
-        "decoder_layer": layer,
-    }
+    root = p["embed"] + p["lm_head"] + 2 * spec["hidden"]
+    parts = {"root_embed_norm_lm_head": root, "decoder_layer": layer}
+    if config == "prefalign":
+        parts["root_all_gather_buffer"] = root
+        parts["lm_head_full_tensor"] = p["lm_head"]
+    return parts
 
 
 # -- measured step ---------------------------------------------------------------------
@@ -226,11 +239,13 @@ def longest(points: list[tuple[int, float]], cap: float, step: int):
     )
 
 
-def predict(scenario: dict, steps: dict, world: int, cap: float, settings) -> dict:
+def predict(
+    scenario: dict, steps: dict, world: int, cap: float, settings, config: str
+) -> dict:
     """Per-rank peak per length and the longest length under the cap (+ margin)."""
     spec, layers, nf4 = scenario["model"], scenario["layers"], scenario["nf4"]
     held = per_rank_held(spec, layers, nf4, scenario["engine"], world)
-    gathered = per_rank_gathered(spec, layers, nf4, scenario["engine"])
+    gathered = per_rank_gathered(spec, layers, nf4, scenario["engine"], config)
     fixed = (sum(held.values()) + sum(gathered.values())) / mp.GIB
     margin = sum(mp.GPU_MARGIN_GIB.values())
     points = [(seq, fixed + s["at_target_gib"]) for seq, s in steps.items()]
@@ -278,7 +293,7 @@ def run(settings: dict, quick: bool) -> dict:
             entry[config] = {
                 "measured_step": steps,
                 "worlds": [
-                    predict(scenario, steps, n, c, settings)
+                    predict(scenario, steps, n, c, settings, config)
                     for n, c in scenario["worlds"]
                 ],
             }

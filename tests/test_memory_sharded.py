@@ -67,6 +67,23 @@ def test_gathered_head_and_fsdp2_root(ms):
     # The root unit (embeddings, final norm, lm_head) stays whole through the step.
     assert fsdp["root_embed_norm_lm_head"] == 2 * head + 2 * 64
     assert fsdp["decoder_layer"] == 2 * 36864 + 2 * 16 * 1024
+    assert set(fsdp) == {"root_embed_norm_lm_head", "decoder_layer"}
+
+
+def test_fsdp2_prefalign_adds_the_root_buffer_and_the_head_copy(ms):
+    head = 2 * 512 * 64
+    root = 2 * head + 2 * 64
+    ours = ms.per_rank_gathered(TINY, 2, False, "fsdp2", "prefalign")
+    # The head gathered by full_tensor after the forward, while the root is
+    # gathered again: all-gather buffer and unsharded copy alive together.
+    assert ours["root_all_gather_buffer"] == root
+    assert ours["lm_head_full_tensor"] == head
+    stock = ms.per_rank_gathered(TINY, 2, False, "fsdp2", "stock")
+    assert sum(ours.values()) - sum(stock.values()) == root + head
+    # ZeRO-3 gathers the head once for either loss.
+    assert ms.per_rank_gathered(TINY, 2, True, "zero3", "prefalign") == (
+        ms.per_rank_gathered(TINY, 2, True, "zero3", "stock")
+    )
 
 
 def test_predict_adds_measured_step_to_computed_shards(ms):
@@ -74,9 +91,14 @@ def test_predict_adds_measured_step_to_computed_shards(ms):
     steps = {1024: {"at_target_gib": 1.0}, 2048: {"at_target_gib": 3.0}}
     settings = {"seq": 2048, "length_step": 128}
     fixed = ms.predict(
-        scenario, {1024: {"at_target_gib": 0.0}}, 2, 99.0, settings | {"seq": 1024}
+        scenario,
+        {1024: {"at_target_gib": 0.0}},
+        2,
+        99.0,
+        settings | {"seq": 1024},
+        "stock",
     )["peak_gib"]
-    got = ms.predict(scenario, steps, 2, fixed + 2.0, settings)
+    got = ms.predict(scenario, steps, 2, fixed + 2.0, settings, "stock")
     assert got["peak_gib"] == pytest.approx(fixed + 3.0)
     assert got["per_length_peak_gib"][1024] == pytest.approx(fixed + 1.0)
     # fixed + 2 GiB crosses halfway between 1024 and 2048.
@@ -157,13 +179,13 @@ def test_computed_rank_bytes_split_parameters_from_states(mr):
     parts = mr.ms.model_parts(TINY, 2, False, False)
     base = parts["decoder"] + parts["norms"] + parts["embed"] + parts["lm_head"]
     lora = parts["lora_params"]
-    z3 = mr.computed(TINY, 2, "zero3", 2)
+    z3 = mr.computed(TINY, 2, "zero3", 2, "stock")
     # ZeRO-3: bf16 LoRA parameter; fp32 master, gradient, m, v in the states.
     assert z3["params"] == pytest.approx((base + 2 * lora) / 2)
     assert z3["other_states"] == pytest.approx(16 * lora / 2)
     assert z3["held"] == pytest.approx(z3["params"] + z3["other_states"])
     assert z3["gathered"] == 2 * 512 * 64 + 2 * 36864 + 2 * 16 * 1024 + 2 * 64 * 64
-    fsdp = mr.computed(TINY, 2, "fsdp2", 2)
+    fsdp = mr.computed(TINY, 2, "fsdp2", 2, "stock")
     # FSDP2: PEFT's fp32 LoRA parameter; fp32 gradient, m, v.
     assert fsdp["params"] == pytest.approx((base + 4 * lora) / 2)
     assert fsdp["other_states"] == pytest.approx(12 * lora / 2)
