@@ -258,17 +258,19 @@ def worker(args) -> dict:
     perturb_adapter(trainer.model)
     probe = step_one_probe(trainer)
     times: list[float] = []
+    cpu_times: list[float] = []  # process CPU seconds: less swayed by other load
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
             if device == "cuda":
                 torch.cuda.synchronize()
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
+            cpu_times.append(time.process_time() - self.c)
             for hook in probe["hooks"]:  # step 1 recorded: no cost after it
                 hook.remove()
             probe["hooks"] = []
@@ -288,6 +290,9 @@ def worker(args) -> dict:
         "trl": trl.__version__,
         "step_s_median": statistics.median(times[1:]),
         "step_times_s": times,
+        "step_cpu_s_median": statistics.median(cpu_times[1:]),
+        "step_cpu_times_s": cpu_times,
+        "torch_threads": torch.get_num_threads(),
         "tokens_per_step": args.batch * 2 * args.tokens,
         "reference": "ref adapter" if "ref" in peft_cfg else "adapter off",
         "step1_loss": probe["loss"],
@@ -352,8 +357,8 @@ def run_arm(which: str, args, init: Path, dump: Path) -> tuple[dict | None, str]
             cmd += ["--" + key, str(getattr(args, key))]
     if args.grad_ckpt:
         cmd.append("--grad-ckpt")
-    if args.profile and which == OURS:
-        cmd += ["--profile", str(args.profile)]
+    if args.profile and which in (OURS, "trl116"):
+        cmd += ["--profile", f"{args.profile}.{which}.txt"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode == 0 and line:
@@ -411,7 +416,8 @@ def table(title: str, results: dict, ratios: dict, agree: dict, mem_key: str) ->
     base = "TRL 1.16" if ratios else "-"
     lines = [
         title,
-        f"| arm | median step | peak {'RSS' if 'rss' in mem_key else 'mem'} | "
+        "| arm | median step (CPU time) | "
+        f"peak {'RSS' if 'rss' in mem_key else 'mem'} | "
         f"peak over start | time / {base} | peak / {base} | step-1 loss | "
         "max abs Δgrad vs ours | agrees |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -422,7 +428,9 @@ def table(title: str, results: dict, ratios: dict, agree: dict, mem_key: str) ->
         ok = ag and ag["loss_within_tol"] and ag["grads_within_tol"]
         ok = ok and ag["same_token_ids"]
         lines.append(
-            f"| {which} | {r['step_s_median']:.3f} s | {r[mem_key]:.0f} MiB | "
+            f"| {which} | {r['step_s_median']:.3f} s "
+            f"({r.get('step_cpu_s_median', float('nan')):.1f} s CPU) | "
+            f"{r[mem_key]:.0f} MiB | "
             f"{grow:.0f} MiB | {rt.get('time', float('nan')):.2f}× | "
             f"{rt.get('peak', float('nan')):.2f}× | {r['step1_loss']:.6f} | "
             f"{ag.get('max_abs_grad_diff', float('nan')):.2e} | "
@@ -522,7 +530,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--under-load", action="store_true", help="mark the timings as taken under load"
     )
-    ap.add_argument("--profile", help="torch.profiler table of our step 2 to this file")
+    ap.add_argument(
+        "--profile",
+        help="torch.profiler tables of step 2 (ours, TRL's): PREFIX.arm.txt",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--which", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--init", help=argparse.SUPPRESS)
