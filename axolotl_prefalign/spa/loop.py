@@ -124,11 +124,13 @@ def expand_iteration(
     load_tokenizer: Callable[[], Any],
     model_path: str | None = None,
     out_dir: str | None = None,
+    prompts: Any = None,
 ) -> dict[str, Any]:
     """The pairs of iteration I from π_{I−1} (the loop's layout, or `model_path`),
     written to `out_dir` (default `iter_<I>`); returns the expansion summary. `cfg`
     holds the keys an Axolotl YAML names them by (base_model, output_dir, adapter,
-    bf16, load_in_4bit, prefalign)."""
+    bf16, load_in_4bit, prefalign); `prompts` replaces iteration I's own prompts
+    (the premise check's sample)."""
     from ..core.config import prefalign_config
     from .expand import (
         VllmGenerator,
@@ -148,8 +150,8 @@ def expand_iteration(
         raise SpaLoopError(
             f"--iteration must be in 1..{spa.iterations} (prefalign.spa.iterations)"
         )
-    parts = iteration_prompts(spa, pa.on_bad_row)
-    prompts = parts[iteration - 1]
+    if prompts is None:
+        prompts = iteration_prompts(spa, pa.on_bad_row)[iteration - 1]
     source = spa.prompts[min(iteration, len(spa.prompts)) - 1].path
     out = Path(out_dir) if out_dir else iter_dir(cfg.get("output_dir"), iteration)
     spec = policy_spec(cfg, iteration, model_path)

@@ -11,6 +11,7 @@ import copy
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,28 @@ def expand_from_config(
 ) -> dict[str, Any]:
     """`axolotl prefalign spa-expand CONFIG -i I`: the pairs of iteration I from
     π_{I−1}; returns the expansion summary."""
+    return expand_iteration(cfg, iteration, tokenizer_loader(cfg), model_path, out_dir)
 
-    def tokenizer() -> Any:
+
+def tokenizer_loader(cfg: Any) -> Callable[[], Any]:
+    """Axolotl's tokenizer of the YAML, loaded when called."""
+
+    def load() -> Any:
         from axolotl.loaders import load_tokenizer
 
         return load_tokenizer(cfg)
 
-    return expand_iteration(cfg, iteration, tokenizer, model_path, out_dir)
+    return load
+
+
+def premise_from_config(
+    cfg: Any, samples: int, model_path: str | None = None, config: str = "CONFIG"
+) -> dict[str, Any]:
+    """`axolotl prefalign spa-premise CONFIG`: the judge's accuracy against gold on
+    `samples` prompts, nothing trained (`spa.premise`)."""
+    from ...spa.premise import check_premise
+
+    return check_premise(cfg, samples, tokenizer_loader(cfg), model_path, config)
 
 
 def _axolotl(*args: str) -> list[str]:
