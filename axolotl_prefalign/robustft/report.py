@@ -123,18 +123,32 @@ def build_report(
     return report
 
 
-def expert_accuracy(
+def vote_hits(
     rows: Sequence[Mapping[str, Any]], rel_tol: float
-) -> dict[str, float | None]:
-    """Each expert/prompt's share of right answers against the gold (no answer
-    counts as wrong), over the rows it voted on."""
+) -> dict[str, tuple[int, int]]:
+    """Each expert/prompt's (right answers against the gold, rows it voted on); no
+    answer counts as wrong."""
     hits: dict[str, list[bool]] = {}
     for r in rows:
         for v in r.get("votes") or []:
             key = f"{v['expert']}/{v['prompt']}"
             ok = answers_match(v["answer"], r["gold"], r["kind"], rel_tol)
             hits.setdefault(key, []).append(ok)
-    return {k: _rate(sum(v), len(v)) for k, v in sorted(hits.items())}
+    return {k: (sum(v), len(v)) for k, v in sorted(hits.items())}
+
+
+def label_hits(rows: Sequence[Mapping[str, Any]], rel_tol: float) -> tuple[int, int]:
+    """(labels that match the gold, rows)."""
+    right = sum(answers_match(r["label"], r["gold"], r["kind"], rel_tol) for r in rows)
+    return right, len(rows)
+
+
+def expert_accuracy(
+    rows: Sequence[Mapping[str, Any]], rel_tol: float
+) -> dict[str, float | None]:
+    """Each expert/prompt's share of right answers against the gold (no answer
+    counts as wrong), over the rows it voted on."""
+    return {k: _rate(*hits) for k, hits in vote_hits(rows, rel_tol).items()}
 
 
 def premise_warning(report: Mapping[str, Any]) -> str | None:
