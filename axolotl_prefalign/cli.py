@@ -126,6 +126,35 @@ def spa_expand(config: Path, iteration: int, model_path, out_dir) -> None:
     expand_from_config(load_config(config), iteration, model_path, out_dir)
 
 
+@prefalign.command("spa-premise")
+@config_arg
+@click.option(
+    "--samples",
+    "-n",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Prompts with a gold answer to sample and judge.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    help="Model folder or LoRA adapter whose implicit reward judges (default: "
+    "the loop's seed DPO, output_dir/iter_0).",
+)
+def spa_premise(config: Path, samples: int, model_path) -> None:
+    """Check SPA's premise first: is the judge right above chance against gold?
+    One expansion on a sample of gold prompts; trains nothing."""
+    from .integrations.axolotl.spa_loop import premise_from_config
+    from .spa.premise import format_premise
+
+    cfg = load_config(config)
+    click.echo(
+        format_premise(premise_from_config(cfg, samples, model_path, str(config)))
+    )
+
+
 @prefalign.command("spa")
 @config_arg
 def spa(config: Path) -> None:
@@ -142,6 +171,30 @@ def denoise(config: Path) -> None:
     from .robustft.pipeline import denoise_from_config
 
     denoise_from_config(load_config(config))
+
+
+@prefalign.command("robustft-premise")
+@config_arg
+@click.option(
+    "--rows",
+    "-n",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Rows with a gold answer to sample per RobustFT dataset entry.",
+)
+def robustft_premise(config: Path, rows: int) -> None:
+    """Check RobustFT's premise first: is an expert right more often than the
+    labels against gold? Expert predictions only; relabels nothing."""
+    from .integrations.axolotl.dataset_check import deferred
+    from .robustft.premise import check_premise, format_premise
+
+    # The check samples only the rows that have gold: rows without it are no
+    # error here, so the load does not pre-check the whole set.
+    with deferred():
+        cfg = load_config(config)
+    result = check_premise(cfg, rows, config=str(config))
+    click.echo(format_premise(result))
 
 
 @prefalign.command("eval-pairs")
