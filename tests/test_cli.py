@@ -13,7 +13,15 @@ from click.testing import CliRunner
 
 from axolotl_prefalign.cli import prefalign
 
-COMMANDS = ("prepare-model", "contrast-preview", "spa-expand", "spa", "denoise")
+COMMANDS = (
+    "prepare-model",
+    "contrast-preview",
+    "spa-expand",
+    "spa",
+    "spa-premise",
+    "denoise",
+    "robustft-premise",
+)
 
 
 def test_group_lists_every_command():
