@@ -1,4 +1,4 @@
-"""The GPU numbers of issue 18 in one prepared, time-boxed run (`gpu_check.sh`).
+"""The GPU numbers in one prepared, time-boxed run (`gpu_check.sh`).
 
 Parts, each in its own subprocess with a timeout, each recorded in ONE JSON whether it
 passes, fails, times out or is skipped (a failing part never stops the others):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU numbers of issue 18 in ONE prepared call of at most 8 minutes (docs/gpu.md).
+# The GPU numbers in ONE prepared call of at most 8 minutes (docs/gpu.md).
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine, from the repo root,
 #                                             # with the wheels of gpu_wheels.sh in .whl

@@ -1,4 +1,4 @@
-"""Predicted GPU memory of one QLoRA DPO step (issue 17): live tensor bytes on the CPU.
+"""Predicted GPU memory of one QLoRA DPO step: live tensor bytes on the CPU.
 
 A `TorchDispatchMode` (`LiveBytes`) sees every ATen op of one training step and
 registers each new storage of its outputs once (views share their base's storage and
