@@ -33,6 +33,8 @@ fake at 1, 2 and 4 decoder layers, the peak is fitted as a + b·L and extrapolat
 32 layers, per length; the fake shortcut is checked against a real step at full width
 (1 layer, short sequences), the extrapolation against every depth of a small model
 (real), and the 32-layer prediction against a fake step of the whole 32-layer model.
+The tracker is live_bytes.py, the step built and measured memory_step.py; this
+module runs the measurements, fits and extrapolates them and writes the report.
 
     python benchmarks/memory_predict.py            # ~13 min on one core
     python benchmarks/memory_predict.py --quick    # tiny shapes, seconds (tests)
@@ -42,30 +44,27 @@ fake at 1, 2 and 4 decoder layers, the peak is fitted as a + b·L and extrapolat
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import platform
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import workload
-from workload import GIB, HERE, LLAMA3_8B_WIDTH, REPO, RESULTS
+
+# GIB and REPO: used by memory_sharded and memory_ranks through this module
+from workload import GIB, HERE, LLAMA3_8B_WIDTH, REPO, RESULTS  # noqa: F401
 
 workload.set_env_defaults(one_thread=True)  # before torch reads the thread count
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402
 
-sys.path.insert(0, str(REPO))
+# The tracker and the step live in their own modules; memory_sharded, memory_ranks,
+# contrast_vs_dpo and the tests reach them through this one (hence F401).
+from live_bytes import LiveBytes, toy_check  # noqa: E402, F401
+from memory_step import MIB, Setup, loss_fn, measure  # noqa: E402, F401
 
-MIB = 2**20
-# Under FakeTensorMode, results of real ops above this many elements become fake.
-REAL_LIMIT = 2**22
 CONFIGS = ("stock", "prefalign", "prefalign_packed")
 SETTINGS = {
     "full": {
@@ -128,361 +127,6 @@ GPU_MARGIN_GIB = {
 }
 
 
-# -- the tracker ---------------------------------------------------------------------
-def _storage(t):
-    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
-        return None
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-class LiveBytes(TorchDispatchMode):
-    """Live tensor bytes, op by op: each storage counted once, from the op whose
-    output first shows it until it is freed (`weakref.finalize` on the storage,
-    whose Python object lives exactly as long as the storage itself).
-
-    `fake`: the FakeTensorMode below this one, if any. Then ops that touch no fake
-    tensor (index arithmetic on the batch) run for real outside it, boolean masks
-    that are real become index tensors, and `.item()` of a fake tensor reads 1."""
-
-    def __init__(self, fake=None):
-        super().__init__()
-        self.fake = fake
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-        self.peak_at: dict = {}
-        self.ops = 0
-        self.phase = ""
-        self.largest: dict[str, int] = {}
-
-    # bookkeeping
-    def add(self, t, op: str = "baseline") -> None:
-        s = _storage(t)
-        if s is None:
-            return
-        key = s._cdata
-        if key in self.live:
-            return
-        n = s.nbytes()
-        self.live[key] = n
-        self.current += n
-        weakref.finalize(s, self._free, key)
-        if n > self.largest.get(op, 0):
-            self.largest[op] = n
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def add_all(self, tensors) -> int:
-        before = self.current
-        for t in tensors:
-            self.add(t)
-        self.peak = max(self.peak, self.current)
-        return self.current - before
-
-    def reset_peak(self) -> None:
-        self.peak = self.current
-        self.peak_at = {"op": "start", "phase": self.phase}
-
-    # dispatch
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = self._run(func, args, kwargs)
-        self.ops += 1
-        name = str(func.overloadpacket.__name__)
-        for t in tree_flatten(out)[0]:
-            self.add(t, name)
-        if self.current > self.peak:
-            self.peak = self.current
-            self.peak_at = {"op": name, "phase": self.phase, "op_index": self.ops}
-        return out
-
-    def _fake_if_large(self, t):
-        if isinstance(t, torch.Tensor) and t.numel() > REAL_LIMIT:
-            return self.fake.from_tensor(t)
-        return t
-
-    def _run(self, func, args, kwargs):
-        if self.fake is None:
-            return func(*args, **kwargs)
-        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
-
-        flat = tree_flatten((args, kwargs))[0]
-        if not any(isinstance(a, FakeTensor) for a in flat):
-            with unset_fake_temporarily():
-                out = func(*args, **kwargs)
-            # A large result (the packed layout's [N, N] attention mask) goes on
-            # as a fake tensor: its bytes are counted, its users cost nothing.
-            return tree_map(self._fake_if_large, out)
-        if func is torch.ops.aten._local_scalar_dense.default:
-            dtype = args[0].dtype
-            if dtype == torch.bool:
-                return True
-            return 1.0 if dtype.is_floating_point else 1
-        if func.overloadpacket in _INDEXING:
-            args = (args[0], _bool_to_index(args[1]), *args[2:])
-        return func(*args, **kwargs)
-
-
-_INDEXING = {
-    torch.ops.aten.index,
-    torch.ops.aten.index_put,
-    torch.ops.aten.index_put_,
-    torch.ops.aten._index_put_impl_,
-}
-
-
-def _bool_to_index(indices):
-    """Real boolean masks as the long index tensors they stand for (nonzero has no
-    fake result: its size depends on the values, which are real here)."""
-    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
-
-    out = []
-    for idx in indices:
-        if (
-            isinstance(idx, torch.Tensor)
-            and idx.dtype == torch.bool
-            and not isinstance(idx, FakeTensor)
-        ):
-            with unset_fake_temporarily():
-                out.extend(idx.nonzero().unbind(1))
-        else:
-            out.append(idx)
-    return out
-
-
-def toy_check() -> dict:
-    """The tracker against a hand count: fp32 x[1000] (4000 B) in the baseline;
-    y = x*2 (4000), v = y[10:] (a view: 0), z = y.sum() (4), w = zeros(250, int64)
-    (2000); del y, v (frees 4000), u = exp(z) (4). Peak = 4000+4000+4+2000 = 10004;
-    live at the end 4000+4+2000+4 = 6008."""
-    x = torch.ones(1000)
-    with LiveBytes() as m:
-        m.add_all([x])
-        y = x * 2
-        v = y[10:]
-        z = y.sum()
-        w = torch.zeros(250, dtype=torch.int64)
-        del y, v
-        after_free = m.current
-        u = torch.exp(z)
-    got = {"peak": m.peak, "live_after_free": after_free, "live_end": m.current}
-    want = {"peak": 10004, "live_after_free": 6004, "live_end": 6008}
-    del w, u
-    return {"got": got, "expected": want, "exact": got == want}
-
-
-# -- the step ------------------------------------------------------------------------
-class Setup:
-    """What one process needs once: TRL's DPOConfig (before the Accelerator) and a
-    bf16-autocast Accelerator on the CPU."""
-
-    def __init__(self):
-        import gpu_check
-        from accelerate import Accelerator
-
-        self.gc = gpu_check
-        self.gc_kwargs = {"use_reentrant": False}
-        self.trl = gpu_check.trl_args(cuda=False, gc_kwargs=self.gc_kwargs)
-        self.accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-
-
-def _quant_tensors(model):
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        while state is not None:
-            for name in ("absmax", "code", "offset"):
-                value = getattr(state, name, None)
-                if isinstance(value, torch.Tensor):
-                    yield value
-            state = getattr(state, "state2", None)
-
-
-def _nf4_fake_weight(weight, module):
-    """What Params4bit._quantize leaves (packed uint8 data + QuantState, blocksize
-    64, no double quantization), as a plain frozen Parameter carrying the same
-    attributes: Params4bit cannot wrap a FakeTensor. The quantization runs through
-    bitsandbytes' registered fake kernel (shapes only)."""
-    import bitsandbytes as bnb
-    from torch import nn
-
-    packed, state = bnb.functional.quantize_4bit(
-        weight.contiguous(),
-        blocksize=64,
-        compress_statistics=False,
-        quant_type="nf4",
-        quant_storage=torch.uint8,
-    )
-    p = nn.Parameter(packed, requires_grad=False)
-    for key, value in {
-        "quant_state": state,
-        "blocksize": 64,
-        "compress_statistics": False,
-        "quant_type": "nf4",
-        "quant_storage": torch.uint8,
-        "bnb_quantized": True,
-        "module": module,
-    }.items():
-        setattr(p, key, value)
-    module.quant_state = state
-    return p
-
-
-def build_fake_base(shapes: dict, nf4: bool = True):
-    """workload.build_model under FakeTensorMode: the same LlamaForCausalLM in bf16,
-    every decoder nn.Linear swapped for a bitsandbytes NF4 Linear4bit (or, with
-    `nf4=False`, left in bf16: LoRA on a bf16 base)."""
-    model, _ = workload.build_model(
-        shapes, "cpu", torch.bfloat16, nf4=nf4, nf4_weight=_nf4_fake_weight
-    )
-    return model
-
-
-@contextlib.contextmanager
-def _fake_module_to():
-    """nn.Module.to under FakeTensorMode: Module._apply swaps each FakeTensor
-    parameter for its converted copy, which the mode's weak references forbid
-    (even for a no-op move). Everything here is on the CPU already: a move is a
-    no-op and a dtype change is done through `.data`."""
-    from unittest import mock
-
-    from torch import nn
-
-    def to(self, *args, **kwargs):
-        _device, dtype, _nb, _fmt = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is not None:
-            for t in self.parameters():
-                if t.is_floating_point():
-                    t.data = t.data.to(dtype)
-        return self
-
-    with mock.patch.object(nn.Module, "to", to):
-        yield
-
-
-def build(
-    setup: Setup,
-    model_spec: dict,
-    layers: int,
-    seq: int,
-    fake: bool = False,
-    nf4: bool = True,
-):
-    """The QLoRA model as gpu_check._prepare leaves it on CUDA (bf16 everywhere it
-    is not NF4; `nf4=False`, fake only: LoRA on a bf16 base), AdamW (foreach) with
-    its states already there (as after step 1)."""
-    shapes = {**model_spec, "layers": layers, "seq": seq, "attn": "sdpa"}
-    if fake:
-        base = build_fake_base(shapes, nf4=nf4)
-    else:
-        if not nf4:
-            raise ValueError("nf4=False is built fake only (no CPU bf16 path here)")
-        base, _ = workload.build_model(shapes, "cpu", torch.bfloat16)
-    with _fake_module_to() if fake else contextlib.nullcontext():
-        model, params = workload.lora_for_training(
-            base, torch.bfloat16, setup.gc_kwargs, setup.accelerator
-        )
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True)
-    for p in params:  # AdamW's own _init_group, without a step
-        optimizer.state[p] = {
-            "step": torch.tensor(0.0),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
-    return model, params, optimizer
-
-
-def loss_fn(setup: Setup, model, config: str):
-    if config == "stock":
-        args, reason = setup.trl
-        if args is None:
-            raise SystemExit(f"stock runs TRL's own DPO loss; TRL: {reason}")
-        fn, about = setup.gc.stock_loss(model, setup.accelerator, args)
-    else:
-        fn, about = setup.gc.ours_loss(
-            model, setup.accelerator, packing=config.endswith("packed")
-        )
-    return fn, about["impl"]
-
-
-def measure(
-    setup: Setup,
-    model_spec: dict,
-    layers: int,
-    seq: int,
-    config: str,
-    mode,
-    nf4: bool = True,
-):
-    """Live bytes of one step: baseline (before), peak, what is left after."""
-    t0 = time.perf_counter()
-    fake = None
-    if mode == "fake":
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        fake = FakeTensorMode(allow_non_fake_inputs=True)
-    ctx = fake if fake is not None else contextlib.nullcontext()
-    with ctx:
-        torch.manual_seed(0)
-        model, params, optimizer = build(
-            setup, model_spec, layers, seq, fake=fake is not None, nf4=nf4
-        )
-    batch = setup.gc.pair_batch(torch, seq, model_spec["vocab"], "cpu", 0)
-    fn, impl = loss_fn(setup, model, config)
-    tracker = LiveBytes(fake)
-    states = [v for s in optimizer.state.values() for v in s.values()]
-    tensors = [
-        *model.parameters(),
-        *model.buffers(),
-        *_quant_tensors(model),
-        *states,
-        *batch.values(),
-    ]
-    build_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    with ctx, tracker:
-        tracker.add_all(tensors)
-        baseline = tracker.current
-        tracker.reset_peak()
-        tracker.phase = "loss"
-        loss, _, _ = fn(batch)
-        tracker.phase = "backward"
-        loss.backward()
-        del loss
-        tracker.phase = "optimizer"
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        after = tracker.current
-    step_s = time.perf_counter() - t1
-    row = {
-        "config": config,
-        "mode": mode,
-        "layers": layers,
-        "seq_per_side": seq,
-        "baseline_gib": baseline / GIB,
-        "peak_gib": tracker.peak / GIB,
-        "peak_above_baseline_gib": (tracker.peak - baseline) / GIB,
-        "after_step_gib": after / GIB,
-        "peak_at": tracker.peak_at,
-        "largest_outputs_mib": {
-            k: round(v / MIB, 1)
-            for k, v in sorted(tracker.largest.items(), key=lambda kv: -kv[1])[:6]
-        },
-        "ops": tracker.ops,
-        "build_s": build_s,
-        "step_s": step_s,
-        "impl": impl,
-    }
-    del model, params, optimizer, fn, tracker, tensors, states, batch
-    gc.collect()
-    return row
-
-
 # -- fits ----------------------------------------------------------------------------
 def linear_fit(xs, ys) -> dict:
     n = len(xs)
@@ -514,6 +158,7 @@ def log(msg: str) -> None:
 
 
 def run(settings: dict, quick: bool) -> dict:
+    """Every measurement of `settings`, the fits and the prediction, as one report."""
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
@@ -534,9 +179,23 @@ def run(settings: dict, quick: bool) -> dict:
         "tracker_toy_check": toy_check(),
         "measurements": [],
     }
-    rows = report["measurements"]
-    model = settings["model"]
-    target = settings["target_layers"]
+    do = _recorder(setup, report["measurements"])
+    report["fake_vs_real_full_width"] = fake_vs_real(do, settings)
+    report["small_model_validation"] = small_model_validation(do, settings)
+    report["prediction"] = prediction(do, settings)
+    if settings["direct_target"]:
+        report["direct_fake_target_depth"] = direct_target(
+            do, settings, report["prediction"]["configs"]
+        )
+    report["wall_s"] = time.perf_counter() - t_start
+    report["cpu_s"] = time.process_time() - cpu_start
+    report["table"] = table(report)
+    return report
+
+
+def _recorder(setup: Setup, rows: list[dict]):
+    """`do(spec, layers, seq, config, mode, tag)`: one measured step, logged and kept
+    in `rows`."""
 
     def do(spec, layers, seq, config, mode, tag):
         row = measure(setup, spec, layers, seq, config, mode)
@@ -550,7 +209,12 @@ def run(settings: dict, quick: bool) -> dict:
         )
         return row
 
-    # 1. the fake shortcut against a computed step at the full width
+    return do
+
+
+def fake_vs_real(do, settings: dict) -> dict:
+    """1. The fake shortcut against a computed step at the full width."""
+    model = settings["model"]
     rc = settings["real_check"]
     check = {}
     for config in CONFIGS:
@@ -561,9 +225,11 @@ def run(settings: dict, quick: bool) -> dict:
             "fake_peak_gib": fake["peak_gib"],
             "rel_diff": (fake["peak_gib"] - real["peak_gib"]) / real["peak_gib"],
         }
-    report["fake_vs_real_full_width"] = {"shape": rc, "configs": check}
+    return {"shape": rc, "configs": check}
 
-    # 2. the extrapolation against every depth of a small model (computed)
+
+def small_model_validation(do, settings: dict) -> dict:
+    """2. The extrapolation against every depth of a small model (computed)."""
     small = settings["small"]
     val: dict = {}
     for config in CONFIGS:
@@ -594,9 +260,13 @@ def run(settings: dict, quick: bool) -> dict:
             for L in small["layers"]
         }
         val[config] = by_mode
-    report["small_model_validation"] = {"shape": small, "configs": val}
+    return {"shape": small, "configs": val}
 
-    # 3. the full width at 1, 2, 4 layers, per length (fake), fitted, extrapolated
+
+def prediction(do, settings: dict) -> dict:
+    """3. The full width at the fit depths, per length (fake), fitted, extrapolated."""
+    model = settings["model"]
+    target = settings["target_layers"]
     pred: dict = {}
     cap = settings["cap_gib"]
     for config in CONFIGS:
@@ -629,37 +299,35 @@ def run(settings: dict, quick: bool) -> dict:
             "longest_under_cap_with_margin": longest_m,
             "longest_with_margin_how": how_m,
         }
-    report["prediction"] = {
+    return {
         "target_layers": target,
         "cap_gib": cap,
         "margin_gib": GPU_MARGIN_GIB,
         "configs": pred,
     }
 
-    # 4. the whole target depth, fake: the extrapolation at the real shape
-    if settings["direct_target"]:
-        direct = {}
-        for config in CONFIGS:
-            at = do(model, target, settings["seq"], config, "fake", "direct")
-            entry = {
-                "seq": settings["seq"],
-                "peak_gib": at["peak_gib"],
-                "extrapolated_gib": pred[config]["predicted_peak_gib"],
-            }
-            entry["rel_error"] = (entry["extrapolated_gib"] - at["peak_gib"]) / at[
-                "peak_gib"
-            ]
-            longest = pred[config]["longest_under_cap"]
-            if longest:
-                at_l = do(model, target, longest, config, "fake", "direct")
-                entry["at_longest"] = {"seq": longest, "peak_gib": at_l["peak_gib"]}
-            direct[config] = entry
-        report["direct_fake_target_depth"] = direct
 
-    report["wall_s"] = time.perf_counter() - t_start
-    report["cpu_s"] = time.process_time() - cpu_start
-    report["table"] = table(report)
-    return report
+def direct_target(do, settings: dict, pred: dict) -> dict:
+    """4. The whole target depth, fake: the extrapolation checked at the real shape."""
+    model = settings["model"]
+    target = settings["target_layers"]
+    direct = {}
+    for config in CONFIGS:
+        at = do(model, target, settings["seq"], config, "fake", "direct")
+        entry = {
+            "seq": settings["seq"],
+            "peak_gib": at["peak_gib"],
+            "extrapolated_gib": pred[config]["predicted_peak_gib"],
+        }
+        entry["rel_error"] = (entry["extrapolated_gib"] - at["peak_gib"]) / at[
+            "peak_gib"
+        ]
+        longest = pred[config]["longest_under_cap"]
+        if longest:
+            at_l = do(model, target, longest, config, "fake", "direct")
+            entry["at_longest"] = {"seq": longest, "peak_gib": at_l["peak_gib"]}
+        direct[config] = entry
+    return direct
 
 
 def table(report: dict) -> str:
