@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -46,267 +45,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-ARMS = [
-    "dpo_seed",
-    "sft_chosen",
-    "contrast_seed",
-    "contrast_curriculum",
-    "spa",
-    "spa_listed",
-    "dpo_all",
-]
-# the SPA arms: the name is the work folder; spa_listed's prompts list the options
-SPA_ARMS = ("spa", "spa_listed")
-# the base model, scored with the chat template / with the contrast inference prompt
-BASELINES = ["untrained", "untrained_contrast"]
-# arms scored with the contrast format's inference prompt ("...Positive answer:")
-CONTRAST_PROMPT = ("contrast_seed", "sft_chosen", "contrast_curriculum")
-# settings that must match for a rerun to keep an earlier run's finished arms
-SHARED_KEYS = ("dataset", "n_pool", "n_test", "epochs", "dpo_lr")
-RESUME_KEYS = (*SHARED_KEYS, "seed_size", "spa_prompts", "spa_max_new_tokens")
-RESUME_KEYS += ("spa_gold", "contrast")
-# arms that do not depend on the seed size: reused from the other seed sizes' runs
-SEED_FREE = ("dpo_all",)
-# the gold checker of the SPA arm: each prompt's correct option among its options
-SPA_GOLD = {"gold_field": "gold", "gold_options_field": "options"}
-SPA_GOLD_CHECKER = "choice"
-
-
-def make_split(args: Any, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(seed pairs, unlabelled prompts, test rows with a fixed rejected option).
-
-    The pool order and every rejected option depend on the seed only, so a smaller
-    seed is the start of a larger one and the pool's pairs are the same for every
-    seed size.
-    """
-    rows = common.arc_easy_rows()
-    random.Random(1234).shuffle(rows)  # the test split is the same for every seed
-    test, pool = rows[: args.n_test], rows[args.n_test : args.n_test + args.n_pool]
-    if not 2 <= args.seed_size < len(pool):
-        raise SystemExit(
-            f"--seed-size {args.seed_size} must be at least 2 and below the pool "
-            f"({len(pool)} questions)"
-        )
-    rng = random.Random(seed)
-    rng.shuffle(pool)
-    pairs = []
-    for r in pool + test:
-        wrong = [o for o in r["options"] if o != r["gold"]]
-        r["rejected"] = rng.choice(wrong)
-    for r in pool:
-        pairs.append(
-            {
-                "prompt": r["question"],
-                "chosen": r["gold"],
-                "rejected": r["rejected"],
-                # for the SPA gold report only; training reads the three above
-                "options": r["options"],
-            }
-        )
-    n = args.seed_size
-    return pairs[:n], pairs[n:], test
-
-
-def dpo_cfg(work: Path, name: str, data: Path, args: Any, seed: int) -> dict:
-    """Plain DPO (the plugin's fused trainer, sigmoid loss) on a pairs JSONL."""
-    cfg = common.base_cfg(work / name, seed)
-    cfg.update(
-        {
-            "rl": "dpo",
-            "rl_beta": 0.1,
-            "prefalign": {"loss": "sigmoid", "fused_logprobs": True},
-            "datasets": [
-                {
-                    "path": str(data),
-                    "ds_type": "json",
-                    "split": "train",
-                    "type": "axolotl_prefalign.spa_pairs",
-                }
-            ],
-            "num_epochs": args.epochs,
-            "learning_rate": args.dpo_lr,
-            "micro_batch_size": 4,
-        }
-    )
-    return cfg
-
-
-def spa_cfg(
-    work: Path,
-    seed_path: Path,
-    prompts: Path,
-    n_prompts: int,
-    args: Any,
-    seed: int,
-    arm: str = "spa",
-) -> dict:
-    """`axolotl prefalign spa`: seed DPO, then 2 self-annotation iterations; the
-    prompts' correct options make the loop write iter_<i>/gold_report.json."""
-    cfg = dpo_cfg(work, arm, seed_path, args, seed)
-    per_iter = n_prompts // 2
-    cfg["prefalign"] = {
-        "loss": "spa",
-        "fused_logprobs": True,
-        "spa": {
-            "beta": 0.1,
-            "iterations": 2,
-            "seed_epochs": args.epochs,
-            "num_samples": 2,
-            "temperature": 0.7,
-            "top_p": 1.0,
-            "max_new_tokens": args.max_new_tokens,
-            "generation_batch_size": 8,
-            "judge_batch_size": 8,
-            "prompts": [{"path": str(prompts), **SPA_GOLD}],
-            "prompts_per_iteration": [per_iter, per_iter],
-            "seed": seed,
-            "gold_checker": SPA_GOLD_CHECKER,
-        },
-    }
-    cfg["save_strategy"] = "epoch"  # the summary reads the last trainer_state.json
-    return cfg
-
-
-def contrast_cfg(
-    work: Path, data: Path, args: Any, seed: int, arm: str = "contrast_seed"
-) -> dict:
-    """Plaintext contrast SFT (preset en, raw mode) on the seed pairs.
-
-    `sft_chosen` is the same run with every row positive-only: SFT on the chosen
-    answer after exactly the prompt the contrast arm is scored with, one row per
-    pair (the same rows, micro batches and steps), no negative answer anywhere.
-    `contrast_curriculum` is the contrast run with the rows in curriculum order
-    (largest base-model margin first), sampled in that order in every epoch.
-    """
-    ratio = 1.0 if arm == "sft_chosen" else 0.25
-    contrast: dict[str, Any] = {"positive_only_ratio": ratio, "seed": seed}
-    cfg = common.base_cfg(work / arm, seed)
-    if arm == "contrast_curriculum":
-        contrast["curriculum"] = "margin"
-        cfg["curriculum_sampling"] = True
-    cfg.update(
-        {
-            # as yaml_examples/contrast-sft.yml: a quarter of the rows are
-            # positive-only, the form of the inference prompt we score with
-            "prefalign": {"contrast": contrast},
-            "datasets": [
-                {
-                    "path": str(data),
-                    "ds_type": "json",
-                    "split": "train",
-                    "type": "axolotl_prefalign.contrast",
-                }
-            ],
-            "sample_packing": False,
-            "num_epochs": args.epochs,
-            "train_on_inputs": False,
-        }
-    )
-    return cfg
-
-
-def prompt_and_tails(tok: Any, arm: str, question: str, options: list[str]):
-    """(head, tails) as the arm was trained: chat turns, or the contrast prefix."""
-    from axolotl_prefalign.robustft.sft import render_example
-
-    if arm in CONTRAST_PROMPT:
-        from axolotl_prefalign.contrast import build_inference_prompt
-
-        head = build_inference_prompt(question, tokenizer=tok)
-        return head, [" " + o + (tok.eos_token or "") for o in options]
-    head = render_example(tok, question, "x")[0]
-    return head, [render_example(tok, question, o)[1] for o in options]
-
-
-# the base model's reply log-probs, by (head, tails): the same for every arm and seed
-_REF_LOGP: dict[tuple[str, tuple[str, ...]], list[float]] = {}
-
-
-def evaluate(arm: str, model_dir: Path | None, merged: bool, test: list[dict]) -> dict:
-    """Preference accuracy (implicit reward vs the base) and task accuracy."""
-    from tqdm import tqdm
-
-    if merged:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        _, tok = common.load_model(None)
-        policy = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch.float32
-        ).eval()
-    else:
-        policy, tok = common.load_model(model_dir)
-    ref = None
-    pref = task = 0
-    for r in tqdm(test, desc=f"scoring {arm}", leave=False):
-        head, tails = prompt_and_tails(tok, arm, r["question"], r["options"])
-        key = (head, tuple(tails))
-        if model_dir is None:  # the policy is the base model
-            if key not in _REF_LOGP:
-                _REF_LOGP[key] = common.reply_logprobs(policy, tok, head, tails)
-            lp = _REF_LOGP[key]
-        else:
-            lp = common.reply_logprobs(policy, tok, head, tails)
-        if key not in _REF_LOGP:
-            if ref is None:
-                ref, _ = common.load_model(None)
-            _REF_LOGP[key] = common.reply_logprobs(ref, tok, head, tails)
-        lr = _REF_LOGP[key]
-        ci, ri = r["options"].index(r["gold"]), r["options"].index(r["rejected"])
-        pref += (lp[ci] - lr[ci]) > (lp[ri] - lr[ri])
-        task += max(range(len(lp)), key=lp.__getitem__) == ci
-    # the base model's implicit reward against itself is 0 for every answer
-    pref_acc = None if model_dir is None else pref / len(test)
-    return {"preference_accuracy": pref_acc, "task_accuracy": task / len(test)}
-
-
-def listed_prompt(question: str, options: list[str]) -> str:
-    """The question with its lettered options, as spa_listed's prompts ask it."""
-    lines = [f"{'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[k]}. {o}" for k, o in enumerate(options)]
-    return "\n".join([question, *lines, "Answer:"])
-
-
-def pair_row(p: dict) -> dict:
-    """A pair as the training formats read it (prompt, chosen, rejected)."""
-    return {k: p[k] for k in ("prompt", "chosen", "rejected")}
-
-
-def prompt_gold(p: dict) -> str:
-    """A prompt's gold for the SPA checker: the correct option's text, or its
-    letter where that text is not one option's alone (after the checker's own
-    normalising, which would otherwise stop the run on that row)."""
-    try:
-        from axolotl_prefalign.spa.gold import normalize
-    except ImportError:  # no gold checker here: the spa arm skips anyway
-        return p["chosen"]
-    same = [o for o in p["options"] if normalize(o) == normalize(p["chosen"])]
-    if len(same) == 1:
-        return p["chosen"]
-    return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[p["options"].index(p["chosen"])]
-
-
-def spa_gold_problem(args: Any) -> str | None:
-    """Why this checkout cannot run the SPA arm with its gold report, or None."""
-    cfg = spa_cfg(args.work, Path("seed.jsonl"), Path("prompts.jsonl"), 2, args, 0)
-    return common.prefalign_problem(cfg["prefalign"])
-
-
-def gold_reports(spa_dir: Path, iterations: int = 2) -> dict[str, dict]:
-    """Each iteration's iter_<i>/gold_report.json, with its summary numbers."""
-    out = {}
-    for i in range(1, iterations + 1):
-        path = spa_dir / f"iter_{i}" / "gold_report.json"
-        if not path.exists():
-            continue
-        report = json.loads(path.read_text())
-        try:
-            from axolotl_prefalign.spa.gold import gold_summary
-
-            summary = gold_summary(report)
-        except (ImportError, KeyError, TypeError):
-            summary = None
-        out[str(i)] = {"summary": summary, "report": report}
-    return out
+# The arms, their scoring and the report live in their own modules; the tests
+# reach them through this one (hence F401).
+from preferences_arms import (  # noqa: E402, F401
+    ARMS,
+    BASELINES,
+    CONTRAST_PROMPT,
+    RESUME_KEYS,
+    SEED_FREE,
+    SHARED_KEYS,
+    SPA_ARMS,
+    SPA_GOLD,
+    SPA_GOLD_CHECKER,
+    contrast_cfg,
+    dpo_cfg,
+    listed_prompt,
+    make_split,
+    pair_row,
+    prompt_gold,
+    spa_cfg,
+    spa_gold_problem,
+    write_data,
+)
+from preferences_report import gold_table, plot, table  # noqa: E402, F401
+from preferences_scoring import evaluate, gold_reports, prompt_and_tails  # noqa: E402, F401
 
 
 def seed_free_result(args: Any, seed: int, arm: str) -> dict | None:
@@ -334,28 +96,7 @@ def seed_free_result(args: Any, seed: int, arm: str) -> dict | None:
 def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
     """All arms for one seed, saved arm by arm."""
     seed_pairs, unlabelled, test = make_split(args, seed)
-    d = work / "data"
-    common.write_jsonl(d / "seed.jsonl", [pair_row(p) for p in seed_pairs])
-    common.write_jsonl(d / "all.jsonl", [pair_row(p) for p in seed_pairs + unlabelled])
-    common.write_jsonl(
-        d / "prompts.jsonl",
-        [
-            {"prompt": p["prompt"], "gold": prompt_gold(p), "options": p["options"]}
-            for p in unlabelled
-        ],
-    )
-    common.write_jsonl(
-        d / "prompts_listed.jsonl",
-        [
-            {
-                "prompt": listed_prompt(p["prompt"], p["options"]),
-                "gold": prompt_gold(p),
-                "options": p["options"],
-            }
-            for p in unlabelled
-        ],
-    )
-    common.write_jsonl(d / "test.jsonl", test)
+    write_data(work / "data", seed_pairs, unlabelled, test)
     record.update(n_seed=len(seed_pairs), n_unlabelled=len(unlabelled))
     ax = common.axolotl_bin()
     if "untrained" not in record["arms"]:
@@ -385,243 +126,54 @@ def run_seed(args: Any, seed: int, work: Path, record: dict) -> None:
             args.save()
             continue
         t0 = time.time()
-        if arm in ("dpo_seed", "dpo_all"):
-            data = d / ("seed.jsonl" if arm == "dpo_seed" else "all.jsonl")
-            y = common.write_yaml(
-                work / f"{arm}.yml", dpo_cfg(work, arm, data, args, seed)
-            )
-            secs = common.run_cmd([ax, "train", str(y)], work / f"{arm}.log")
-            t1 = time.time()
-            entry = evaluate(arm, work / arm, False, test)
-        elif arm in CONTRAST_PROMPT:
-            cfg = contrast_cfg(work, d / "seed.jsonl", args, seed, arm)
-            y = common.write_yaml(work / f"{arm}.yml", cfg)
-            secs = common.run_cmd([ax, "train", str(y)], work / f"{arm}.log")
-            t1 = time.time()
-            entry = evaluate(arm, work / arm, False, test)
-        else:
-            n = min(len(unlabelled), args.spa_prompts)
-            prompts = d / (
-                "prompts_listed.jsonl" if arm == "spa_listed" else "prompts.jsonl"
-            )
-            cfg = spa_cfg(work, d / "seed.jsonl", prompts, n, args, seed, arm)
-            y = common.write_yaml(work / f"{arm}.yml", cfg)
-            cmd = [ax, "prefalign", "spa", str(y)]
-            secs = common.run_cmd(cmd, work / f"{arm}.log")
-            t1 = time.time()
-            entry = evaluate(arm, work / arm / "iter_2" / "merged", True, test)
-            summary = work / arm / "spa_summary.json"
-            if summary.exists():
-                entry["spa_summary"] = json.loads(summary.read_text())
-            entry["gold_reports"] = gold_reports(work / arm)
-        entry["train_s"] = round(secs, 1)
-        entry["eval_s"] = round(time.time() - t1, 1)
+        entry = train_and_score(args, ax, arm, work, seed, len(unlabelled), test)
         entry["wall_s"] = round(time.time() - t0, 1)
         record["arms"][arm] = entry
         print(f"seed {seed} {arm}: {json.dumps(entry)[:300]}", flush=True)
         args.save()
 
 
-def _pct(v: Any) -> str:
-    return f"{v:.1%}" if isinstance(v, (int, float)) else "–"
-
-
-def _cells(e: dict | None) -> tuple[str, str]:
-    if e is None:
-        return "not run", "not run"
-    if "skipped" in e:
-        return "skipped", "skipped"
-    p = e.get("preference_accuracy")
-    return ("n/a" if p is None else f"{p:.1%}"), _pct(e.get("task_accuracy"))
-
-
-def _done(result: dict, arm: str) -> list[dict]:
-    return [
-        r["arms"][arm]
-        for r in result["runs"].values()
-        if "task_accuracy" in r["arms"].get(arm, {})
-    ]
-
-
-# the gold-report numbers shown per iteration (gold_summary's keys)
-GOLD_COLUMNS = [
-    ("exactly_one", "pairs with exactly one right sample"),
-    ("self_label_accuracy", "self-label accuracy"),
-    ("flag_precision_dnd", "flag precision (DND)"),
-    ("flag_recall_dnd", "flag recall (DND)"),
-    ("flag_precision_plain", "flag precision (no DND)"),
-    ("flag_recall_plain", "flag recall (no DND)"),
-]
-
-
-def _pooled(reports: list[dict]) -> dict[str, Any]:
-    """The gold summary of several seeds' reports (one arm and iteration): rates of
-    the summed counts, each rate's (numerator, denominator) under `counts`."""
-    from axolotl_prefalign.spa.gold import gold_summary, pool_reports, rate_counts
-
-    pooled = pool_reports(reports)
-    return {**gold_summary(pooled), "counts": rate_counts(pooled)}
-
-
-def gold_table(result: dict) -> list[str]:
-    """The SPA arms' gold reports per seed and iteration, and pooled over seeds."""
-    rows = []
-    for seed, rec in result["runs"].items():
-        for arm in SPA_ARMS:
-            reports = (rec["arms"].get(arm) or {}).get("gold_reports") or {}
-            for it, g in reports.items():
-                rows.append((arm, seed, it, g.get("summary") or {}, g.get("report")))
-    if not rows:
-        return []
-    lines = [
-        "",
-        "SPA's self-labels and noise flags against the correct options (the loop's "
-        "iter_<i>/gold_report.json; flags = c = 0, on the pairs with exactly one "
-        "right sample; pooled = the rates of the seeds' summed counts):\n",
-        "| arm | seed | iteration | " + " | ".join(t for _, t in GOLD_COLUMNS) + " |",
-        "|---" * (len(GOLD_COLUMNS) + 3) + "|",
-    ]
-
-    def cells(s: dict) -> str:
-        out = []
-        for k, _ in GOLD_COLUMNS:
-            if k == "exactly_one":
-                out.append(str(s.get(k, "–")))
-                continue
-            cell = _pct(s.get(k))
-            if k in s.get("counts", {}):  # pooled: the sums behind the rate
-                cell += " ({}/{})".format(*s["counts"][k])
-            out.append(cell)
-        return " | ".join(out)
-
-    for arm, seed, it, s, _ in rows:
-        lines.append(f"| {arm} | {seed} | {it} | {cells(s)} |")
-    for arm in SPA_ARMS:
-        for it in sorted({i for a, _, i, _, _ in rows if a == arm}):
-            reps = [r for a, _, i, _, r in rows if a == arm and i == it and r]
-            if len(reps) > 1:
-                pooled = _pooled(reps)
-                tag = f"**pooled ({len(reps)} seeds)**"
-                lines.append(f"| {arm} | {tag} | {it} | {cells(pooled)} |")
-    return lines
-
-
-def table(result: dict) -> str:
-    """The markdown tables."""
-    s = result["settings"]
-    seed_desc = (
-        f"seed {s['seed_size']} labelled pairs"
-        if "seed_size" in s
-        else f"seed fraction {s['seed_fraction']}"
-    )
-    lines = [
-        "# Preference alignment from little labelled data: ARC-Easy, SmolLM2-135M\n",
-        f"**Status: {result['status']}**\n",
-        f"Settings: {s['n_pool']} pool questions, {seed_desc}, "
-        f"{s['n_test']} test questions, {s['epochs']} epochs, seeds {s['seeds']}"
-        f"{', QUICK SMOKE RUN (not a result)' if s['quick'] else ''}.\n",
-        *([f"Notes: {result['notes']}\n"] if result.get("notes") else []),
-        "| seed | arm | preference accuracy | task accuracy |",
-        "|---|---|---|---|",
-    ]
-    arms = BASELINES + [
-        a
-        for a in ARMS
-        if a in s.get("arms", ARMS)
-        or any(a in r["arms"] for r in result["runs"].values())
-    ]
-    for seed, rec in result["runs"].items():
-        for arm in arms:
-            pref, task = _cells(rec["arms"].get(arm))
-            lines.append(f"| {seed} | {arm} | {pref} | {task} |")
-    if len(result["runs"]) > 1:
-        lines += [
-            "",
-            "Over the seeds (mean ± sd in points):\n",
-            "| arm | preference accuracy | task accuracy |",
-            "|---|---|---|",
-        ]
-        for arm in arms:
-            es = _done(result, arm)
-            prefs = [e["preference_accuracy"] for e in es]
-            p = [v for v in prefs if v is not None]
-            pref_cell = "n/a" if es and not p else common.fmt_mean_sd(p)
-            lines.append(
-                f"| {arm} | {pref_cell} "
-                f"| {common.fmt_mean_sd([e['task_accuracy'] for e in es])} |"
-            )
-    lines += gold_table(result)
-    timed = [a for a in ARMS if any("wall_s" in e for e in _done(result, a))]
-    if timed:
-        lines += [
-            "",
-            "Wall time per arm, minutes (mean over the seeds that ran it here):\n",
-            "| arm | wall | train | scoring |",
-            "|---|---|---|---|",
-        ]
-        for arm in timed:
-
-            def minutes(key: str, arm: str = arm) -> str:
-                vals = [e[key] for e in _done(result, arm) if key in e]
-                return f"{sum(vals) / len(vals) / 60:.1f}" if vals else "–"
-
-            lines.append(
-                f"| {arm} | {minutes('wall_s')} | {minutes('train_s')} "
-                f"| {minutes('eval_s')} |"
-            )
-    notes = sorted(
-        {
-            f"{arm}: {e.get('note') or e.get('skipped')}"
-            for rec in result["runs"].values()
-            for arm, e in rec["arms"].items()
-            if e.get("note") or e.get("skipped")
-        }
-    )
-    if notes:
-        lines += ["", *(f"- {n}" for n in notes)]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> None:
-    """Grouped bars: preference and task accuracy per arm (mean, sd over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    names: list[str] = []
-    labelled: set[str] = set()
-    for arm in BASELINES + ARMS:
-        es = _done(result, arm)
-        if not es:
-            continue
-        x = len(names)
-        names.append(arm)
-        for dx, key, color in [
-            (-0.2, "preference_accuracy", "#1f77b4"),
-            (0.2, "task_accuracy", "#ff7f0e"),
-        ]:
-            vals = [e[key] for e in es if e[key] is not None]
-            if not vals:  # the base model has no implicit reward against itself
-                continue
-            mean, sd = common.mean_sd(vals)
-            label = None if key in labelled else key.replace("_", " ")
-            labelled.add(key)
-            ax.bar(x + dx, mean, 0.4, yerr=sd or None, capsize=3, color=color)
-            ax.bar_label(ax.containers[-1], [f"{mean:.0%}"], fontsize=7)
-            ax.containers[-1].set_label(label)
-            ax.plot([x + dx] * len(vals), vals, "k.", ms=3)
-    ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", fontsize=8)
-    s = result["settings"]
-    quick = " (QUICK SMOKE)" if s["quick"] else ""
-    seed = f"seed {s['seed_size']} pairs, " if "seed_size" in s else ""
-    ax.set_title(f"ARC-Easy, SmolLM2-135M, {seed}seeds {s['seeds']}{quick}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def train_and_score(
+    args: Any,
+    ax: str,
+    arm: str,
+    work: Path,
+    seed: int,
+    n_unlabelled: int,
+    test: list[dict],
+) -> dict:
+    """One arm through its real command, then scored on the test set."""
+    d = work / "data"
+    if arm in ("dpo_seed", "dpo_all"):
+        data = d / ("seed.jsonl" if arm == "dpo_seed" else "all.jsonl")
+        y = common.write_yaml(work / f"{arm}.yml", dpo_cfg(work, arm, data, args, seed))
+        secs = common.run_cmd([ax, "train", str(y)], work / f"{arm}.log")
+        t1 = time.time()
+        entry = evaluate(arm, work / arm, False, test)
+    elif arm in CONTRAST_PROMPT:
+        cfg = contrast_cfg(work, d / "seed.jsonl", args, seed, arm)
+        y = common.write_yaml(work / f"{arm}.yml", cfg)
+        secs = common.run_cmd([ax, "train", str(y)], work / f"{arm}.log")
+        t1 = time.time()
+        entry = evaluate(arm, work / arm, False, test)
+    else:
+        n = min(n_unlabelled, args.spa_prompts)
+        prompts = d / (
+            "prompts_listed.jsonl" if arm == "spa_listed" else "prompts.jsonl"
+        )
+        cfg = spa_cfg(work, d / "seed.jsonl", prompts, n, args, seed, arm)
+        y = common.write_yaml(work / f"{arm}.yml", cfg)
+        cmd = [ax, "prefalign", "spa", str(y)]
+        secs = common.run_cmd(cmd, work / f"{arm}.log")
+        t1 = time.time()
+        entry = evaluate(arm, work / arm / "iter_2" / "merged", True, test)
+        summary = work / arm / "spa_summary.json"
+        if summary.exists():
+            entry["spa_summary"] = json.loads(summary.read_text())
+        entry["gold_reports"] = gold_reports(work / arm)
+    entry["train_s"] = round(secs, 1)
+    entry["eval_s"] = round(time.time() - t1, 1)
+    return entry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
