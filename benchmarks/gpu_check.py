@@ -30,14 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +43,7 @@ import zipfile
 from pathlib import Path
 
 import workload
-from dpo_arms import (  # noqa: F401 - other benchmarks import them from here
+from dpo_arms import (
     BETA,
     OneRankAccelerator,
     ours_loss,
@@ -55,609 +51,38 @@ from dpo_arms import (  # noqa: F401 - other benchmarks import them from here
     stock_loss,
     trl_args,
 )
-from workload import GIB, LLAMA3_8B, REPO, TINY_LLAMA
-
-CONFIGS = ("stock", "prefalign", "prefalign_packed")
-PARTS = ("setup", "fused_vs_plain", "dpo_step", "max_length", "cce")
-PACKAGES = (
-    "torch",
-    "transformers",
-    "peft",
-    "accelerate",
-    "bitsandbytes",
-    "trl",
-    "datasets",
-    "pyarrow",
-    "pydantic",
-    "triton",
-    "cut-cross-entropy",
-)
-# Modules the GPU run needs that its image may lack (their wheels: gpu_wheels.sh).
-NEEDED_MODULES = (
-    "bitsandbytes",
-    "pydantic",
-    "trl",
-    "datasets",
-    "cut_cross_entropy",
-)
-
-# What is measured where. Times are seconds; budgets are what each part may take.
-SETTINGS = {
-    "gpu": {
-        "device": "cuda",
-        "model": LLAMA3_8B,
-        "seq": 2048,
-        "warmup": 2,
-        "steps": 3,
-        "cap_gib": 24.0,
-        "lengths": [3072, 4096, 6144, 8192, 12288, 16384],
-        "fake_oom_above": None,
-        "gc_collect_per_step": True,
-        # The lm_head of the 8B shape, one pair of 2 x 2048 tokens.
-        "logprob_shape": {"tokens": 4096, "hidden": 4096, "vocab": 128256},
-        "budget": {
-            "setup": 90,
-            "fused_vs_plain": 75,
-            # One configuration's worker up to the end of its timed steps (imports,
-            # 8B build, NF4, 5 steps): the first guess; later ones use the longest
-            # seen. Its worker may take up to dpo_main_max before it is killed.
-            "dpo_main": 90,
-            "dpo_main_max": 200,
-            "search_max": 80,
-            "cce": 60,
-        },
-    },
-    "dry": {
-        "device": "cpu",
-        "model": TINY_LLAMA,
-        "seq": 64,
-        "warmup": 1,
-        "steps": 2,
-        "cap_gib": None,
-        "lengths": [96, 128, 192, 256],
-        # The CPU cannot run out of memory at these sizes: above this length per
-        # side a step raises OutOfMemoryError after its forward (marked simulated),
-        # so the search's OOM path runs too.
-        "fake_oom_above": 128,
-        # 0.3 s a call in a process that has TRL imported, on this CPU: skipped.
-        "gc_collect_per_step": False,
-        "logprob_shape": {"tokens": 256, "hidden": 64, "vocab": 1000},
-        "budget": {
-            "setup": 40,
-            "fused_vs_plain": 40,
-            "dpo_main": 12,
-            "dpo_main_max": 60,
-            "search_max": 10,
-            "cce": 40,
-        },
-    },
-}
-# The fused path must be no less accurate than the plain one, both measured against
-# fp32 from the same bf16 inputs (factor x the plain path's error + slack), and must
-# stay within an absolute distance of the plain path.
-TOLERANCE = {
-    "dtype": "bfloat16",
-    "vs_fp32_factor": 1.5,
-    "vs_fp32_slack": 1e-3,
-    "logps_max_abs_vs_plain": 0.25,
-    "grad_rel_norm_vs_plain": 2e-2,
-    "means": (
-        "passed iff for the per-token log-probs max|fused-fp32| <= 1.5 x "
-        "max|plain-fp32| + 1e-3 and max|fused-plain| <= 0.25 nats, and for each "
-        "gradient (hidden, lm_head weight) ||fused-fp32||/||fp32|| <= 1.5 x "
-        "||plain-fp32||/||fp32|| + 1e-3 and ||fused-plain||/||plain|| <= 2e-2"
-    ),
-}
-
-
-# -- small helpers -----------------------------------------------------------------
-def emit(kind: str, payload: dict) -> None:
-    """A worker's result line; the driver reads every `RECORD` line, in order."""
-    print("RECORD " + json.dumps({"kind": kind, **payload}, default=str), flush=True)
-
-
-def versions() -> dict:
-    out = {}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _sync(torch, cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def _errors(torch, value, ref) -> dict:
-    diff = (value.double() - ref.double()).abs()
-    scale = ref.double().abs().max().clamp_min(1e-30)
-    return {
-        "max_abs": diff.max().item(),
-        "max_rel": (diff.max() / scale).item(),
-        "rel_norm": (diff.norm() / ref.double().norm().clamp_min(1e-30)).item(),
-    }
-
-
-def _peak_gib(torch, cuda: bool) -> float:
-    """CUDA: max allocated since the last reset. CPU (dry run): the process's max
-    resident set so far, a stand-in that is positive but not per step."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() / GIB
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-
-
-def _is_oom(torch, exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
-
-
-# -- part 1 and part 4: per-token log-probs of one lm_head ---------------------------
-def _logprob_problem(torch, shape: dict, device: str):
-    """bf16 hidden states (unit scale, as after RMSNorm), an lm_head whose logits have
-    std ~2, labels: a quarter ignored (the prompt), half of the rest the argmax token
-    (confident, p_y near 1), the others random; a random upstream gradient."""
-    n, h, v = shape["tokens"], shape["hidden"], shape["vocab"]
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*size):
-        return torch.randn(*size, generator=gen, device=device)
-
-    hidden = randn(n, h).to(torch.bfloat16)
-    weight = (randn(v, h) * (2.0 / h**0.5)).to(torch.bfloat16)
-    labels = torch.randint(0, v, (n,), generator=gen, device=device)
-    with torch.no_grad():
-        wf = weight.float()
-        top = torch.cat(
-            [(rows.float() @ wf.t()).argmax(-1) for rows in hidden.split(512)]
-        )
-        del wf
-    confident = slice(n // 4, n // 4 + (n - n // 4) // 2)
-    labels[confident] = top[confident]
-    labels[: n // 4] = -100
-    upstream = randn(n)
-    return hidden, weight, labels, upstream
-
-
-def _run_logprobs(torch, fn, problem, *, head_grad: bool, dtype=None):
-    """fn(hidden, weight, labels) -> per-token log-probs; its value and gradients
-    (w.r.t. the head too when `head_grad`) for the problem's upstream gradient."""
-    hidden, weight, labels, upstream = problem
-    dtype = dtype or hidden.dtype
-    x = hidden.to(dtype).clone().requires_grad_(True)
-    w = weight.to(dtype).clone().requires_grad_(head_grad)
-    out = fn(x, w, labels)
-    (out.float() * upstream).sum().backward()
-    return (
-        out.detach().float(),
-        x.grad.float(),
-        w.grad.float() if head_grad else None,
-    )
-
-
-def _time_logprobs(torch, fn, problem, cuda: bool, reps: int = 3) -> dict:
-    """fwd+bwd time (gradient w.r.t. hidden only: the head is frozen under LoRA)
-    and, on CUDA, the memory it takes above what was allocated before."""
-    _run_logprobs(torch, fn, problem, head_grad=False)  # warm-up, autotuning
-    times = []
-    peak = None
-    for _ in range(reps):
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        _sync(torch, cuda)
-        t0 = time.perf_counter()
-        _run_logprobs(torch, fn, problem, head_grad=False)
-        _sync(torch, cuda)
-        times.append(time.perf_counter() - t0)
-        if cuda:
-            peak = (torch.cuda.max_memory_allocated() - base) / GIB
-    return {"ms": 1000 * statistics.median(times), "extra_peak_gib": peak}
-
-
-def fused_fn(chunk_size: int):
-    from axolotl_prefalign.core.logprobs import token_logprobs
-
-    def fused(hidden, weight, labels):
-        return token_logprobs(hidden, weight, labels, chunk_size=chunk_size)
-
-    return fused
-
-
-def compare_logprobs(torch, name: str, fn, spec: dict, against=None) -> dict:
-    """`fn` against the plain path and against fp32 from the same bf16 inputs (as
-    part 1 defines it); with `against` (ours, for part 4) against that too."""
-    from axolotl_prefalign.core.logprobs import plain_token_logprobs
-
-    cuda = spec["device"] == "cuda"
-    problem = _logprob_problem(torch, spec["logprob_shape"], spec["device"])
-    mask = problem[2] != -100
-    refs = {
-        "plain": _run_logprobs(torch, plain_token_logprobs, problem, head_grad=True),
-        "fp32": _run_logprobs(
-            torch,
-            plain_token_logprobs,
-            problem,
-            head_grad=True,
-            dtype=torch.float32,
-        ),
-    }
-    if against is not None:
-        refs["fused"] = _run_logprobs(torch, against, problem, head_grad=True)
-    got = _run_logprobs(torch, fn, problem, head_grad=True)
-    errors = {}
-    for i, what in enumerate(("logps", "grad_hidden", "grad_weight")):
-        a, p, r = got[i], refs["plain"][i], refs["fp32"][i]
-        if what == "logps":
-            a, p, r = a[mask], p[mask], r[mask]
-        errors[what] = {
-            "vs_plain": _errors(torch, a, p),
-            "vs_fp32": _errors(torch, a, r),
-            "plain_vs_fp32": _errors(torch, p, r),
-        }
-        if against is not None:
-            f = refs["fused"][i]
-            errors[what]["vs_fused"] = _errors(torch, a, f[mask] if i == 0 else f)
-    del got, refs
-    tol = TOLERANCE
-
-    def no_worse(e: dict, key: str) -> bool:
-        limit = tol["vs_fp32_factor"] * e["plain_vs_fp32"][key] + tol["vs_fp32_slack"]
-        return e["vs_fp32"][key] <= limit
-
-    checks = {
-        "logps_vs_fp32": no_worse(errors["logps"], "max_abs"),
-        "logps_vs_plain": errors["logps"]["vs_plain"]["max_abs"]
-        <= tol["logps_max_abs_vs_plain"],
-    }
-    for what in ("grad_hidden", "grad_weight"):
-        checks[f"{what}_vs_fp32"] = no_worse(errors[what], "rel_norm")
-        checks[f"{what}_vs_plain"] = (
-            errors[what]["vs_plain"]["rel_norm"] <= tol["grad_rel_norm_vs_plain"]
-        )
-    timing = {
-        "impl": _time_logprobs(torch, fn, problem, cuda),
-        "plain": _time_logprobs(torch, plain_token_logprobs, problem, cuda),
-    }
-    if against is not None:
-        timing["fused"] = _time_logprobs(torch, against, problem, cuda)
-    return {
-        "impl": name,
-        "shape": {**spec["logprob_shape"], "labelled": int(mask.sum())},
-        "dtype": "bfloat16",
-        "errors": errors,
-        "checks": checks,
-        "passed": all(checks.values()),
-        "time": timing,
-    }
-
-
-def worker_fused(spec: dict) -> None:
-    import torch
-
-    from axolotl_prefalign.core.config import PrefAlignConfig
-
-    chunk = PrefAlignConfig().chunk_size
-    result = compare_logprobs(torch, "fused", fused_fn(chunk), spec)
-    emit("fused_vs_plain", {"status": "ok", "chunk_size": chunk, **result})
-
-
-def worker_cce(spec: dict) -> None:
-    """cut-cross-entropy's -loss (reduction none) as per-token log-probs, against
-    the plain path, fp32 and ours: values, gradients, time."""
-    import torch
-
-    from axolotl_prefalign.core.config import PrefAlignConfig
-    from axolotl_prefalign.core.logprobs import plain_token_logprobs
-
-    ours = fused_fn(PrefAlignConfig().chunk_size)
-    try:
-        import cut_cross_entropy as cce
-    except ImportError as exc:
-        # Skipped. On the dry run the same harness still runs, the plain path
-        # standing in for CCE, so that its code cannot rot unnoticed.
-        out: dict = {"status": "skipped", "reason": f"cut_cross_entropy: {exc}"}
-        if spec.get("dry_run"):
-            out["standin"] = compare_logprobs(
-                torch, "plain (stand-in)", plain_token_logprobs, spec, against=ours
-            )
-        emit("cce", out)
-        return
-    if spec["device"] != "cuda":
-        emit("cce", {"status": "skipped", "reason": "CCE's kernels need CUDA"})
-        return
-    results: dict = {"status": "ok", "version": getattr(cce, "__version__", None)}
-    # "high": CCE's default gradient filtering (skips entries below bf16 precision);
-    # None: no filtering, the exact gradient.
-    for label, eps in (("default", "high"), ("exact", None)):
-
-        def fn(h, w, y, eps=eps):
-            loss = cce.linear_cross_entropy(h, w, y, reduction="none", filter_eps=eps)
-            return -loss.float() * (y != -100)
-
-        try:
-            results[label] = compare_logprobs(
-                torch, f"cut_cross_entropy filter_eps={eps}", fn, spec, against=ours
-            )
-        except Exception as exc:  # noqa: BLE001 - recorded, the rest goes on
-            results[label] = {"status": "error", "error": repr(exc)[-2000:]}
-    emit("cce", results)
-
-
-# -- part 2 and part 3: the DPO step ------------------------------------------------
-
-
-class SimulatedOOM(Exception):
-    pass
-
-
-def _prepare(torch, spec: dict, accelerator):
-    """workload's QLoRA model (NF4 base, LoRA r=16 all-linear, as TRL's DPOTrainer
-    + HF Trainer leave it, checkpointing non-reentrant) and AdamW."""
-    cuda = spec["device"] == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    # seq sets max_position_embeddings: make it cover the longest search length.
-    shapes = {**spec["model"], "seq": max([spec["seq"], *spec["lengths"]])}
-    shapes["attn"] = "sdpa"
-    t0 = time.perf_counter()
-    base, n_quantized = workload.build_model(shapes, spec["device"], dtype)
-    build_s = time.perf_counter() - t0
-    gc_kwargs = {"use_reentrant": False}
-    model, params = workload.lora_for_training(base, dtype, gc_kwargs, accelerator)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    info = {
-        "build_s": build_s,
-        "linears_nf4": n_quantized,
-        "lora_params": sum(p.numel() for p in params),
-        "lora_dtype": str(dtype).replace("torch.", ""),
-    }
-    return model, params, optimizer, info
-
-
-def _train_step(torch, loss_fn, batch, params, optimizer, cuda, fake_oom, collect):
-    """What HF Trainer + AxolotlDPOTrainer.training_step do for one micro-batch."""
-    loss, chosen, rejected = loss_fn(batch)
-    if fake_oom:
-        raise SimulatedOOM("out of memory (simulated: dry run)")
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if collect:  # AxolotlDPOTrainer.training_step, for both trainers
-        gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return loss.item(), chosen.float().sum().item(), rejected.float().sum().item()
-
-
-def _timed_step(torch, run, seq: int, seed: int, cuda: bool, spec: dict):
-    """One step at `seq`: (status, seconds, peak GiB, step outputs or error)."""
-    limit = spec.get("fake_oom_above")
-    fake = limit is not None and seq > limit
-    batch = pair_batch(torch, seq, spec["model"]["vocab"], spec["device"], seed)
-    if spec["gc_collect_per_step"]:
-        gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    _sync(torch, cuda)
-    t0 = time.perf_counter()
-    error = None
-    try:
-        values = run(batch, fake)
-        _sync(torch, cuda)
-        status = "ok"
-    except SimulatedOOM as exc:
-        status, values, error = "oom", None, str(exc)
-    except Exception as exc:  # noqa: BLE001
-        if not _is_oom(torch, exc):
-            raise
-        status, values, error = "oom", None, str(exc)[:500]
-    seconds = time.perf_counter() - t0
-    peak = _peak_gib(torch, cuda)
-    del batch
-    return status, seconds, peak, values, error
-
-
-def _cleanup(torch, optimizer, cuda: bool) -> None:
-    """After an OOM: drop gradients and whatever the failed step left behind."""
-    optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-
-
-def _skip_stock(name: str, spec: dict, reason: str) -> None:
-    """The stock rows when TRL cannot be imported: skipped, with the reason."""
-    why = f"TRL's DPOTrainer cannot be imported: {reason}"
-    emit("dpo_step", {"config": name, "status": "skipped", "reason": why})
-    emit("max_length", {"config": name, "status": "skipped", "reason": why})
-
-
-def dpo_config(torch, accelerator, name: str, spec: dict, started: float):
-    """Part 2 for one configuration, then part 3 in the same process."""
-    cuda = spec["device"] == "cuda"
-    seq = spec["seq"]
-    row: dict = {
-        "config": name,
-        "seq": seq,
-        "packing": name.endswith("packed"),
-        "memory_kind": "cuda max_memory_allocated"
-        if cuda
-        else "cpu process max RSS (dry run)",
-    }
-    args, reason = spec["_trl"]
-    if name == "stock" and args is None:
-        _skip_stock(name, spec, reason)
-        return
-    model, params, optimizer, info = _prepare(torch, spec, accelerator)
-    row.update(info)
-    row["weights_gib"] = torch.cuda.memory_allocated() / GIB if cuda else None
-    if name == "stock":
-        loss_fn, about = stock_loss(model, accelerator, args)
-    else:
-        loss_fn, about = ours_loss(model, accelerator, packing=row["packing"])
-    collect = spec["gc_collect_per_step"]
-
-    def run(batch, fake):
-        return _train_step(
-            torch, loss_fn, batch, params, optimizer, cuda, fake, collect
-        )
-
-    n = spec["warmup"] + spec["steps"]
-    times, peaks, losses, logps = [], [], [], []
-    status = "ok"
-    for i in range(n):
-        status, seconds, peak, values, error = _timed_step(
-            torch, run, seq, i, cuda, spec
-        )
-        if status != "ok":
-            row.update(status=status, error=error, peak_gib=peak)
-            _cleanup(torch, optimizer, cuda)
-            break
-        times.append(seconds)
-        peaks.append(peak)
-        losses.append(values[0])
-        logps.append(values[1:])
-    if status == "ok":
-        timed = times[spec["warmup"] :]
-        tokens = 2 * seq
-        rate = tokens * len(timed) / sum(timed)
-        tflops = 6 * workload.flops_params(spec["model"]) * rate / 1e12
-        row.update(
-            status="ok",
-            step_times_s=times,
-            step_s_median=statistics.median(timed),
-            tokens_per_step=tokens,
-            tokens_per_s=rate,
-            model_tflops=tflops,
-            losses=losses,
-            logps=logps,
-        )
-        row["peak_gib"] = max(peaks)
-        row["peak_gib_timed"] = max(peaks[spec["warmup"] :])
-        row["peak_reserved_gib"] = (
-            torch.cuda.max_memory_reserved() / GIB if cuda else None
-        )
-    row["impl"] = about["impl"]
-    row["main_s"] = time.perf_counter() - started
-    row["worker_s"] = time.time() - spec["launched"]
-    emit("dpo_step", row)
-
-    # Part 3: longest length per side that fits, one step per length, ascending
-    # from --seq (descending when --seq does not fit), stopping at the first misfit
-    # or when the next attempt would not end before the time box.
-    t_search = time.perf_counter()
-    deadline = min(
-        time.perf_counter() + spec["search_budget_s"],
-        time.perf_counter() + spec["hard_deadline"] - time.time(),
-    )
-    if status == "ok":
-        lengths = [length for length in spec["lengths"] if length > seq]
-        best = seq
-    else:
-        lengths = [seq // 2, seq // 4]
-        best = None
-    attempts = []
-    last = (seq, statistics.median(times) if times else 1.0)
-    for j, length in enumerate(lengths):
-        estimate = 1.3 * last[1] * (length / last[0]) ** 1.2 + 1.0
-        if time.perf_counter() + estimate > deadline:
-            attempts.append(
-                {"seq": length, "status": "not_tried", "reason": "time box"}
-            )
-            break
-        st, seconds, peak, _values, error = _timed_step(
-            torch, run, length, 100 + j, cuda, spec
-        )
-        attempt = {"seq": length, "status": st, "seconds": seconds, "peak_gib": peak}
-        if error:
-            attempt["error"] = error
-        attempts.append(attempt)
-        if st != "ok":
-            _cleanup(torch, optimizer, cuda)
-            if status == "ok":
-                break
-            continue
-        last = (length, seconds)
-        best = length
-        if status != "ok":  # going down: the first length that fits is the answer
-            break
-    emit(
-        "max_length",
-        {
-            "config": name,
-            "status": "ok",
-            "max_seq_per_side": best,
-            "cap_gib": spec["cap_gib"],
-            "attempts": attempts,
-            "seconds": time.perf_counter() - t_search,
-        },
-    )
-
-
-def worker_dpo(spec: dict) -> None:
-    import torch
-    from accelerate import Accelerator
-
-    cuda = spec["device"] == "cuda"
-    if cuda and spec["cap_gib"]:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(
-            min(spec["cap_gib"] * GIB / total, 1)
-        )
-    spec = {**spec, "_trl": (None, "not needed")}
-    if "stock" in spec["configs"]:
-        spec["_trl"] = trl_args(cuda=cuda, gc_kwargs={"use_reentrant": False})
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
-    for name in spec["configs"]:
-        started = time.perf_counter()
-        try:
-            dpo_config(torch, accelerator, name, spec, started)
-        except Exception as exc:  # noqa: BLE001 - recorded; the next config runs
-            status = "oom" if cuda and _is_oom(torch, exc) else "error"
-            emit(
-                "dpo_step",
-                {
-                    "config": name,
-                    "status": status,
-                    "error": traceback.format_exc()[-3000:],
-                },
-            )
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-
-
-def worker_info(spec: dict) -> None:
-    import torch
-
-    info: dict = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "versions": versions(),
-        "cuda_runtime": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "importable": {
-            m: importlib.util.find_spec(m) is not None for m in NEEDED_MODULES
-        },
-    }
-    try:
-        import bitsandbytes  # noqa: F401
-
-        info["bitsandbytes_import"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        info["bitsandbytes_import"] = repr(exc)[-500:]
-    if torch.cuda.is_available():
-        info.update(workload.gpu_properties())
-    else:
-        info.update(name=f"cpu ({platform.processor() or platform.machine()})")
-    emit("info", info)
+from gpu_check_dpo import _prepare, _train_step, dpo_config, worker_dpo
+from gpu_check_logprobs import compare_logprobs, fused_fn, worker_cce, worker_fused
+from gpu_check_machine import NEEDED_MODULES, PACKAGES, versions, worker_info
+from gpu_check_records import emit
+from gpu_check_settings import CONFIGS, PARTS, SETTINGS, TOLERANCE
+from workload import REPO
+
+# What other benchmarks and the tests import from here.
+__all__ = [
+    "BETA",
+    "CONFIGS",
+    "NEEDED_MODULES",
+    "PACKAGES",
+    "PARTS",
+    "SETTINGS",
+    "TOLERANCE",
+    "Driver",
+    "OneRankAccelerator",
+    "_prepare",
+    "_train_step",
+    "compare_logprobs",
+    "dpo_config",
+    "emit",
+    "fused_fn",
+    "main",
+    "ours_loss",
+    "pair_batch",
+    "parse_args",
+    "stock_loss",
+    "trl_args",
+    "versions",
+]
 
 
 def worker_sleep(spec: dict) -> None:
@@ -666,6 +91,7 @@ def worker_sleep(spec: dict) -> None:
     time.sleep(spec.get("seconds", 60))
 
 
+# The workers the driver starts as `gpu_check.py --worker NAME SPEC`.
 WORKERS = {
     "sleep": worker_sleep,
     "info": worker_info,
@@ -1087,6 +513,7 @@ class Driver:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line of the driver, and of a worker (--worker NAME SPEC)."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -1110,6 +537,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """One worker when --worker names it; otherwise the whole run."""
     args = parse_args(argv)
     if args.worker:
         WORKERS[args.worker](json.loads(args.spec or "{}"))
