@@ -1,11 +1,15 @@
-"""Part 0 of gpu_check.py: the machine. A worker that records the versions, what
-imports and the device."""
+"""Part 0 of gpu_check.py: the machine. The carried wheels installed, nvidia-smi,
+and a worker that records the versions, what imports and the device."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
 import platform
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import workload
 from gpu_check_records import emit
@@ -69,3 +73,67 @@ def worker_info(spec: dict) -> None:
     else:
         info.update(name=f"cpu ({platform.processor() or platform.machine()})")
     emit("info", info)
+
+
+def install_wheels(wheel_dir: str, site: Path, timeout: float) -> dict:
+    """The carried wheels into `site` (pip --target), unzipped if pip fails."""
+    wheels = sorted(Path(wheel_dir).glob("*.whl"))
+    out: dict = {
+        "wheel_dir": str(wheel_dir),
+        "wheels": [{"file": w.name, "bytes": w.stat().st_size} for w in wheels],
+        "site_dir": str(site),
+    }
+    if not wheels:
+        out["install"] = "none: no wheels (run benchmarks/gpu_wheels.sh .whl here)"
+        return out
+    site.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(site),
+        *map(str, wheels),
+    ]
+    try:
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode == 0:
+            out["install"] = "pip --target"
+            return out
+        out["pip_error"] = (proc.stdout + proc.stderr)[-1500:]
+    except (OSError, subprocess.SubprocessError) as exc:
+        out["pip_error"] = repr(exc)
+    # pip missing or broken: a wheel is a zip; unpacking it is installing it.
+    for w in wheels:
+        with zipfile.ZipFile(w) as zf:
+            zf.extractall(site)
+    out["install"] = "unzipped (pip failed)"
+    return out
+
+
+def nvidia_smi() -> dict:
+    """The GPU's name, memory, driver, clock and power limit, and the full table."""
+    query = "--query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit"
+    out = {}
+    for key, cmd in (
+        ("gpu", ["nvidia-smi", query, "--format=csv,noheader"]),
+        ("full", ["nvidia-smi"]),
+    ):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            out[key] = (proc.stdout or proc.stderr).strip()[-4000:]
+        except (OSError, subprocess.SubprocessError) as exc:
+            out[key] = f"unavailable: {exc}"
+    return out
