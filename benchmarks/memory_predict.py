@@ -44,7 +44,6 @@ module runs the measurements, fits and extrapolates them and writes the report.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from pathlib import Path
 import workload
 
 # GIB and REPO: used by memory_sharded and memory_ranks through this module
-from workload import GIB, HERE, LLAMA3_8B_WIDTH, REPO, RESULTS  # noqa: F401
+from workload import GIB, HERE, LLAMA3_8B_WIDTH, REPO, RESULTS, write_report  # noqa: F401
 
 workload.set_env_defaults(one_thread=True)  # before torch reads the thread count
 
@@ -389,9 +388,7 @@ def main(argv=None) -> int:
     if out is None and not args.quick:
         out = RESULTS / "memory_predict_cpu.json"
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        log(f"wrote {out}")
+        log(f"wrote {write_report(out, report)}")
     print(report["table"])
     print(
         f"wall {report['wall_s']:.0f}s, cpu {report['cpu_s']:.0f}s; tracker toy check "

@@ -51,6 +51,7 @@ from types import MethodType
 
 import memory_predict as mp
 import memory_sharded as ms
+from workload import write_report
 
 SHAPE = {"vocab": 32000, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 688}
 LAYERS = 4
@@ -521,9 +522,7 @@ def main(argv=None) -> int:
     }
     report["table"] = table(ranked)
     path = Path(args.out) if args.out else mp.RESULTS / "memory_sharded_ranks_cpu.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    mp.log(f"wrote {path}")
+    mp.log(f"wrote {write_report(path, report)}")
     print(report["table"])
     print(f"wall {report['wall_s']:.0f}s")
     return 0

@@ -33,13 +33,12 @@ prefetch of the next layer, fragmentation.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import memory_predict as mp
-from workload import LLAMA3_8B_WIDTH, LLAMA3_70B_WIDTH
+from workload import LLAMA3_8B_WIDTH, LLAMA3_70B_WIDTH, write_report
 
 LORA_R = 16
 # Bytes per trainable (LoRA) parameter on a rank, before dividing by N.
@@ -339,9 +338,7 @@ def main(quick: bool = False, out: str | None = None) -> int:
     if path is None and not quick:
         path = mp.RESULTS / "memory_predict_sharded_cpu.json"
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        mp.log(f"wrote {path}")
+        mp.log(f"wrote {write_report(path, report)}")
     print(report["table"])
     print(f"wall {report['wall_s']:.0f}s")
     return 0

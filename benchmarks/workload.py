@@ -9,6 +9,7 @@ import these, so that they measure the same model on the same data.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from collections.abc import Callable, MutableMapping
@@ -18,6 +19,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 GIB = 2**30
+
+
+def write_report(path: Path, report: dict) -> Path:
+    """`report` as indented JSON at `path` (folders made; values JSON lacks as str)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
 
 # -- environment -------------------------------------------------------------------
 # Offline (no hub or dataset downloads), no telemetry, quiet tokenizer threads.
