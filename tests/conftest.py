@@ -207,32 +207,42 @@ def tiny_train_cfg(model_dir: Path, out_dir: Path, **extra) -> dict:
     return cfg
 
 
+def side_env_python(
+    python: str, probe: str, *, missing: str, broken: str, require: str, build: str
+) -> str:
+    """`python` of an environment beside the project's (LLaMA-Factory's, TRL 1.16's)
+    if it runs `probe`; else skip, or fail where the `require` variable is 1 (CI
+    builds those environments). `missing` / `broken` name it in the message."""
+    import subprocess
+
+    problem = None
+    if not Path(python).exists():
+        problem = f"no {missing} at {python}"
+    else:
+        run = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+        if run.returncode != 0:
+            problem = f"{python} {broken}: {run.stderr[-300:]}"
+    if problem:
+        if os.environ.get(require) == "1":
+            pytest.fail(f"{problem} ({require}=1)")
+        pytest.skip(f"{problem} (bash {build})")
+    return python
+
+
 def llamafactory_python() -> str:
     """The Python of the LLaMA-Factory environment (tests/llamafactory_env.sh).
 
     Without one the LLaMA-Factory tests skip, except where
     PREFALIGN_REQUIRE_LLAMAFACTORY=1 (CI builds the environment): then they fail.
     """
-    import subprocess
-
-    python = os.environ.get("PREFALIGN_LLAMAFACTORY_PYTHON", "/tmp/lf-venv/bin/python")
-    required = os.environ.get("PREFALIGN_REQUIRE_LLAMAFACTORY") == "1"
-    problem = None
-    if not Path(python).exists():
-        problem = f"no LLaMA-Factory environment at {python}"
-    else:
-        probe = subprocess.run(
-            [python, "-c", "import llamafactory.data, axolotl_prefalign"],
-            capture_output=True,
-            text=True,
-        )
-        if probe.returncode != 0:
-            problem = f"{python} cannot import llamafactory: {probe.stderr[-300:]}"
-    if problem:
-        if required:
-            pytest.fail(problem + " (PREFALIGN_REQUIRE_LLAMAFACTORY=1)")
-        pytest.skip(problem + " (bash tests/llamafactory_env.sh)")
-    return python
+    return side_env_python(
+        os.environ.get("PREFALIGN_LLAMAFACTORY_PYTHON", "/tmp/lf-venv/bin/python"),
+        "import llamafactory.data, axolotl_prefalign",
+        missing="LLaMA-Factory environment",
+        broken="cannot import llamafactory",
+        require="PREFALIGN_REQUIRE_LLAMAFACTORY",
+        build="tests/llamafactory_env.sh",
+    )
 
 
 # -- one real SPA loop, shared ---------------------------------------------------------

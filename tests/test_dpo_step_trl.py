@@ -12,33 +12,24 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, side_env_python
 
 
 @pytest.fixture
 def trl116_python() -> str:
     """The Python of the TRL 1.16 environment, or skip (fail where required)."""
-    default = REPO / ".venv-trl116" / "bin" / "python"
-    python = os.environ.get("PREFALIGN_TRL116_PYTHON", str(default))
-    problem = None
-    if not Path(python).exists():
-        problem = f"no TRL 1.16 environment at {python}"
-    else:
-        probe = subprocess.run(
-            [python, "-c", "import trl; assert trl.__version__ == '1.16.0'"],
-            capture_output=True,
-            text=True,
-        )
-        if probe.returncode != 0:
-            problem = f"{python} has no TRL 1.16.0: {probe.stderr[-300:]}"
-    if problem:
-        if os.environ.get("PREFALIGN_REQUIRE_TRL116") == "1":
-            pytest.fail(problem + " (PREFALIGN_REQUIRE_TRL116=1)")
-        pytest.skip(problem + " (bash tests/trl_env.sh)")
-    return python
+    return side_env_python(
+        os.environ.get(
+            "PREFALIGN_TRL116_PYTHON", str(REPO / ".venv-trl116" / "bin" / "python")
+        ),
+        "import trl; assert trl.__version__ == '1.16.0'",
+        missing="TRL 1.16 environment",
+        broken="has no TRL 1.16.0",
+        require="PREFALIGN_REQUIRE_TRL116",
+        build="tests/trl_env.sh",
+    )
 
 
 @pytest.mark.slow  # two trainer subprocesses (Axolotl's and TRL's start-up)
