@@ -147,6 +147,52 @@ def test_each_checker_judges_an_answer(answer, checker, right):
     assert answer_is_right(answer, gold, CAPITALS, checker) is right
 
 
+@pytest.mark.parametrize(
+    ("rule", "answer", "kept"),
+    [
+        ("max_words: 3", "one two three", True),
+        ("max_words: 3", "one two three four", False),
+        ("max_words: 3", "one\ntwo   three\n", True),  # any whitespace splits
+        (" max_words :  3 ", "one two", True),
+        ("answer_line", "Paris is big.\nAnswer: B", True),
+        ("answer_line", "Paris is big.\n**Answer:** B\n\n", True),
+        ("answer_line", "Answer: B\nbecause Paris is big.", False),  # not last
+        ("answer_line", "Paris is big. Answer: B", False),  # not its own line
+        ("answer_line", "Paris is big.\nAnswer:", False),  # nothing after it
+        ("answer_line", "", False),
+    ],
+)
+def test_rule_checker_judges_the_rule_not_an_answer(rule, answer, kept):
+    gold = resolve_gold(rule, [], "rule")
+    assert answer_is_right(answer, gold, None, "rule") is kept
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("max_words: 0", "at least 1"),
+        ("max_words: ten", "is not a rule"),
+        ("shorter please", "is not a rule \\(max_words: N \\| answer_line\\)"),
+        (30, "a rule must be text"),
+    ],
+)
+def test_an_unknown_rule_is_an_error_naming_the_rules(value, message):
+    with pytest.raises(GoldError, match=message):
+        resolve_gold(value, [], "rule")
+
+
+def test_rule_report_counts_pairs_by_the_rule():
+    prompts = [{"index": k, "gold": "max_words: 2", "options": []} for k in range(3)]
+    pairs = [
+        {"index": 0, "chosen": "short one", "rejected": "a much longer one"},
+        {"index": 1, "chosen": "a much longer one", "rejected": "short"},
+        {"index": 2, "chosen": "ok", "rejected": "fine"},
+    ]
+    report = gold_report(prompts, pairs, "rule")
+    assert (report["exactly_one"], report["both"]) == (2, 1)
+    assert report["self_labels"]["correct"] == 1
+
+
 # -- the report --------------------------------------------------------------------
 
 

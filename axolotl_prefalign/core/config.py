@@ -299,12 +299,16 @@ class SpaConfig(_Strict):
     seed: Annotated[int, EXPANSION] = Field(
         42, description="Sampling seed (per block of prompts)."
     )
-    gold_checker: Annotated[Literal["choice", "contains", "exact"], LOOP] = Field(
-        "choice",
-        description="How a sampled answer is judged against a prompt source's "
-        "gold_field: choice = the one option it names (letter or text; none or "
-        "several = unknown), contains = the gold text appears in it, exact = "
-        "equal (both normalised).",
+    gold_checker: Annotated[Literal["choice", "contains", "exact", "rule"], LOOP] = (
+        Field(
+            "choice",
+            description="How a sampled answer is judged against a prompt source's "
+            "gold_field: choice = the one option it names (letter or text; none or "
+            "several = unknown), contains = the gold text appears in it, exact = "
+            "equal (both normalised), rule = gold_field holds a rule the answer "
+            "keeps or breaks ('max_words: N' or 'answer_line': the last non-empty "
+            "line reads 'Answer: ...').",
+        )
     )
     # LOOP: a YAML's own value never reaches the trainer; the loop sets each stage's.
     flags_file: Annotated[str | None, LOOP] = Field(

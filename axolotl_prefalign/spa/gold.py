@@ -17,6 +17,10 @@ Checkers (`prefalign.spa.gold_checker`), all on SQuAD-normalised text:
   unknown. The gold is a letter or (with options) an option's text.
 - `contains`: the gold text appears in the answer (word-bounded).
 - `exact`: the answer equals the gold text.
+- `rule`: the gold column holds a rule the answer must keep, not an answer:
+  `max_words: N` (at most N whitespace-separated words) or `answer_line` (its
+  last non-empty line reads `Answer: <something>`). For format and length
+  preferences, where a rule is the judge.
 With options, a gold letter stands for its option's text under contains / exact.
 """
 
@@ -30,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-CHECKERS = ("choice", "contains", "exact")
+CHECKERS = ("choice", "contains", "exact", "rule")
 FLAGS_FILE = "spa_flags.jsonl"
 REPORT_FILE = "gold_report.json"
 # the kinds of noise flag a report scores, each with its tag in `gold_summary`'s keys
@@ -65,6 +69,38 @@ class GoldError(ValueError):
     """A gold answer (or its options) that cannot be used with the checker."""
 
 
+# -- rules (gold_checker: rule) ---------------------------------------------------
+
+_MAX_WORDS = re.compile(r"^\s*max_words\s*:\s*(\d+)\s*$")
+_ANSWER_LINE = re.compile(r"^\s*answer_line\s*$")
+# The last non-empty line of an answer that keeps `answer_line`.
+_FINAL_ANSWER = re.compile(r"^\s*\**Answer\**\s*:\s*\**\s*\S")
+RULES = "max_words: N | answer_line"
+
+
+def resolve_rule(value: Any) -> str:
+    """A rule in its canonical spelling (`max_words: 30`, `answer_line`)."""
+    if not isinstance(value, str):
+        raise GoldError(f"a rule must be text ({RULES}), got {value!r}")
+    words = _MAX_WORDS.match(value)
+    if words:
+        if int(words.group(1)) < 1:
+            raise GoldError(f"max_words must be at least 1, got {value!r}")
+        return f"max_words: {int(words.group(1))}"
+    if _ANSWER_LINE.match(value):
+        return "answer_line"
+    raise GoldError(f"{value!r} is not a rule ({RULES})")
+
+
+def keeps_rule(answer: str, rule: str) -> bool:
+    """Whether an answer keeps a resolved rule."""
+    words = _MAX_WORDS.match(rule)
+    if words:
+        return len(answer.split()) <= int(words.group(1))
+    lines = [line for line in answer.splitlines() if line.strip()]
+    return bool(lines) and bool(_FINAL_ANSWER.match(lines[-1]))
+
+
 def normalize(text: str) -> str:
     """Lowercase, no punctuation, no articles, single spaces (SQuAD-style)."""
     text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
@@ -91,8 +127,10 @@ def check_options(value: Any) -> list[str]:
 
 
 def resolve_gold(value: Any, options: Sequence[str] | None, checker: str) -> str:
-    """The gold in the checker's terms: an option letter (choice) or a text;
-    GoldError when it names no option or is empty."""
+    """The gold in the checker's terms: an option letter (choice), a text, or a
+    rule (rule); GoldError when it names no option or is empty."""
+    if checker == "rule":
+        return resolve_rule(value)
     if isinstance(value, bool) or value is None:
         raise GoldError("missing" if value is None else "must be text, got bool")
     if isinstance(value, int | float):
@@ -169,6 +207,8 @@ def answer_is_right(
         return _contains(normalize(answer), normalize(gold))
     if checker == "exact":
         return normalize(answer) == normalize(gold)
+    if checker == "rule":
+        return keeps_rule(answer, gold)
     raise ValueError(f"gold_checker must be one of {CHECKERS}, got {checker!r}")
 
 
