@@ -310,6 +310,40 @@ def test_robustft_premise_equals_the_full_runs_report_on_the_same_rows(
     )
 
 
+def test_the_denoise_run_reuses_the_premise_checks_crossfit_folds(
+    tmp_path, tiny_model_dir
+):
+    """The premise check trains the cross-fitted folds once; a denoise run on the
+    same rows under the same output parent reads them instead of training."""
+    yml = _robustft_yaml(tmp_path, tiny_model_dir)
+    raw = yaml.safe_load(yml.read_text())
+    block = {"expert_training": "crossfit", "crossfit_folds": 2, "reasoning": False}
+    raw["prefalign"]["robustft"].update(block, crossfit_epochs=1)
+    cfg = load_config(_yaml(tmp_path / "cf.yml", raw))
+    model = FakeModel(REPLIES)
+    entry = robustft_premise(cfg, 100, load_predictor=lambda p: model)["entries"][0]
+    assert "crossfit/loglik" in entry["experts"]
+    (cache,) = (tmp_path / "out/robustft/crossfit").iterdir()
+    assert sorted(p.name for p in cache.iterdir()) == ["fold-0", "fold-1"]
+
+    class MustNotTrain:
+        def __call__(self, *args):
+            raise AssertionError("the folds were trained again")
+
+    settings = RobustFTConfig(**raw["prefalign"]["robustft"])
+    full = P.denoise_dataset(
+        [{"question": q, "options": o, "answer": a, "gold": g} for q, o, a, g in ROWS],
+        settings,
+        tmp_path / "out/robustft/full",
+        base_model=str(tiny_model_dir),
+        load_predictor=lambda p: FakeModel(REPLIES),
+        encoder=bow_encoder,
+        crossfit_fit=MustNotTrain(),
+    )
+    accuracy = full.report["gold"]["expert_accuracy"]["crossfit/loglik"]
+    assert accuracy == pytest.approx(entry["experts"]["crossfit/loglik"]["accuracy"])
+
+
 def test_robustft_premise_samples_n_rows_with_gold(tmp_path, tiny_model_dir):
     cfg = load_config(_robustft_yaml(tmp_path, tiny_model_dir))
     result = robustft_premise(cfg, 3, load_predictor=lambda p: FakeModel(REPLIES))

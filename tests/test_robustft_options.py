@@ -458,7 +458,56 @@ def test_crossfit_expert_votes_and_feeds_cleanlab(tmp_path):
     ref = find_label_issues(np.array(["AB".index(x) for x in labels]), probs)
     flagged = [i for i in range(len(ds)) if got[i]["robustft_status"] != "clean"]
     assert flagged == [i for i, f in enumerate(ref) if f]
-    assert (result.out_dir / "crossfit" / "fold-3" / MANIFEST).exists()
+    # the folds are cached beside the run's folder, by what they depend on
+    (cache,) = (tmp_path / "crossfit").iterdir()
+    assert (cache / "fold-3" / MANIFEST).exists()
+
+
+def test_runs_on_the_same_rows_share_the_crossfit_folds(tmp_path):
+    ds, _, logliks = _sentiment_case()
+    first = RecordingFit(logliks)
+    kw = {"expert_training": "crossfit", "crossfit_folds": 4, "reasoning": False}
+    a = run(tmp_path, FakeModel({}), "a", ds=ds, fit=first, detection="cleanlab", **kw)
+    again = RecordingFit(logliks)
+    b = run(tmp_path, FakeModel({}), "b", ds=ds, fit=again, **kw)  # agreement
+    assert len(first.calls) == 4 and again.calls == []  # reused, not retrained
+    assert a.out_dir != b.out_dir
+    probs = [r["robustft_option_probs"] for r in b.all_rows]
+    want = [r["robustft_option_probs"] for r in a.all_rows]
+    assert probs == want
+    # another seed splits the folds differently: trained afresh
+    other = RecordingFit(logliks)
+    run(tmp_path, FakeModel({}), "c", ds=ds, fit=other, seed=1, **kw)
+    assert len(other.calls) == 4
+    assert len(list((tmp_path / "crossfit").iterdir())) == 2
+
+
+def test_the_fold_cache_names_the_default_model_one_way(tmp_path, monkeypatch):
+    """`prefalign:default` in a YAML and the prepared folder the Axolotl CLI hands
+    on are the same model: the second run reuses the first one's folds."""
+    import axolotl_prefalign.core.models as models
+
+    real = models.resolve_model_path
+    monkeypatch.setattr(
+        models,
+        "resolve_model_path",
+        lambda p: "/cache/smollm2" if p == "default" else real(p),
+    )
+    ds, _, logliks = _sentiment_case()
+    calls = []
+    for name, base in (("a", "prefalign:default"), ("b", "/cache/smollm2")):
+        fit = RecordingFit(logliks)
+        P.denoise_dataset(
+            ds,
+            settings(expert_training="crossfit", crossfit_folds=2, reasoning=False),
+            tmp_path / name,
+            base_model=base,
+            load_predictor=lambda path: FakeModel({}),
+            encoder=bow_encoder,
+            crossfit_fit=fit,
+        )
+        calls.append(len(fit.calls))
+    assert calls == [2, 0]
 
 
 def test_crossfit_needs_choice_rows(tmp_path):

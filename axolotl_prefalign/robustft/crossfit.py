@@ -8,8 +8,12 @@ then scores the held-out fold by option log-likelihood (`loglik`). Every row's
 option probabilities thus come from a model that never saw its (possibly wrong)
 label: out-of-fold probabilities, the input confident learning (cleanlab) expects.
 
-Each fold is written atomically (`crossfit/fold-N/`, one shard and a manifest whose
-meta lists the rows it trained on), so a rerun skips finished folds. Training is a
+Each fold is written atomically (`fold-N/`, one shard and a manifest whose meta
+lists the rows it trained on), so a rerun skips finished folds. The folds live in
+`<robustft output parent>/crossfit/<key>/`, the key a hash of everything they
+depend on (`fold_cache_key`: base model, cross-fitting settings, seed, and each
+row's question, options and label), so the premise check and every denoise run on
+the same rows (agreement or cleanlab detection, any selection) share them. Training is a
 small torch loop (AdamW, constant learning rate, the fused log-prob path of
 core/logprobs.py for the loss), framework-neutral like the rest of the package.
 Cost: k LoRA trainings of (k−1)/k · epochs passes over the set, plus one scoring
@@ -30,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..core.shards import ShardWriter
 from .answers import letters
+from .folder import FOLD_SETTINGS
 from .predict import option_logliks, scored_row
 
 LOG = logging.getLogger("axolotl_prefalign")
@@ -39,6 +44,27 @@ LOG = logging.getLogger("axolotl_prefalign")
 FoldFit = Callable[[int, Sequence[dict[str, Any]], Sequence[dict[str, Any]]], list]
 # Longer SFT examples are left out of a fold's training (counted in the log).
 MAX_TRAIN_TOKENS = 4096
+
+
+CACHE_DIR = "crossfit"  # under the RobustFT output parent: folds by fold_cache_key
+
+
+def fold_cache_key(
+    rows: Sequence[dict[str, Any]], settings: Any, base_path: str, load_in_4bit: bool
+) -> str:
+    """Hash of what the out-of-fold probabilities depend on (not detection,
+    selection or relabelling settings)."""
+    import hashlib
+    import json
+
+    meta = {
+        "base": base_path,
+        "4bit": load_in_4bit,
+        **{k: getattr(settings, k) for k in FOLD_SETTINGS},
+        "rows": [[r["idx"], r["question"], r["options"], r["label"]] for r in rows],
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def fold_assignment(indices: Sequence[int], folds: int, seed: int) -> dict[int, int]:

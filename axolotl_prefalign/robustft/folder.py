@@ -21,15 +21,19 @@ TRAIN_FILE, ALL_FILE, REPORT_FILE = "denoised.jsonl", "all.jsonl", "report.json"
 NEIGHBOURS_FILE = "neighbours.json"
 # Settings added after the first release: left out of the cache key at their
 # defaults, so folders written before them keep their names.
-KEY_DEFAULTS_OMITTED = (
-    "expert_scoring",
-    "expert_training",
+# What the cross-fitted folds depend on besides the model and the rows.
+FOLD_SETTINGS = (
     "crossfit_folds",
     "crossfit_epochs",
     "crossfit_learning_rate",
     "crossfit_lora_r",
     "crossfit_batch_size",
     "seed",
+)
+KEY_DEFAULTS_OMITTED = (
+    "expert_scoring",
+    "expert_training",
+    *FOLD_SETTINGS,
     "detection",
     "selection",
 )

@@ -23,7 +23,12 @@ from datasets import Dataset
 
 from ..core.config import RobustFTConfig
 from ..core.shards import ShardWriter
-from .crossfit import LoraCrossfit, crossfit_option_probs
+from .crossfit import (
+    CACHE_DIR,
+    LoraCrossfit,
+    crossfit_option_probs,
+    fold_cache_key,
+)
 from .detect import detect_noise
 from .errors import RobustFTError
 from .experts import CROSSFIT_EXPERT, model_alias
@@ -143,13 +148,15 @@ class CrossfitTraining:
 
     def train(self, ctx: RunContext, rows: Dataset) -> dict[str, Dataset]:
         """The out-of-fold option probabilities, resumable under crossfit/."""
+        from ..core.models import resolve_model_path
+
         ctx.models.release()  # the folds load their own copy of the base model
         settings, fit, default = ctx.settings, ctx.crossfit_fit, None
+        # one name per model ("prefalign:default" and its prepared folder alike)
+        base = resolve_model_path(model_alias(ctx.base_path))
         if fit is None:
-            from ..core.models import resolve_model_path
-
             fit = default = LoraCrossfit(
-                resolve_model_path(model_alias(ctx.base_path)),
+                base,
                 epochs=settings.crossfit_epochs,
                 learning_rate=settings.crossfit_learning_rate,
                 lora_r=settings.crossfit_lora_r,
@@ -158,13 +165,17 @@ class CrossfitTraining:
                 score_batch_size=settings.batch_size,
                 load_in_4bit=ctx.load_in_4bit,
             )
+        out_dir = ctx.out_dir / CACHE_DIR
+        if ctx.crossfit_root is not None:
+            key = fold_cache_key(list(rows), settings, base, ctx.load_in_4bit)
+            out_dir = ctx.crossfit_root / CACHE_DIR / key[:16]
         try:
             oof = crossfit_option_probs(
                 rows,
                 fit,
                 folds=settings.crossfit_folds,
                 seed=settings.seed,
-                out_dir=ctx.out_dir / "crossfit",
+                out_dir=out_dir,
             )
         except ValueError as err:
             raise RobustFTError(str(err)) from None

@@ -135,6 +135,8 @@ def denoise_dataset(
         encoder=encoder,
         crossfit_fit=crossfit_fit,
         load_in_4bit=load_in_4bit,
+        # the folds are shared by every run on the same rows under this parent
+        crossfit_root=out_dir.parent,
     )
     try:
         predictions = predict_stage(rows, experts, ctx)

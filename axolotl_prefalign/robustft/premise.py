@@ -114,6 +114,8 @@ def entry_premise(
         ModelSlot(load_predictor or default_loader(settings, four_bit)),
         base_path=base or experts[0][1],
         load_in_4bit=four_bit,
+        # the denoise run on the same rows reuses the folds trained here
+        crossfit_root=default_parent(cfg, settings),
     )
     try:
         predictions = predict_stage(rows, experts, ctx)

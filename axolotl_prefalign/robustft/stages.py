@@ -42,6 +42,8 @@ class RunContext:
     base_path: str  # the relabelling model, and the cross-fitted expert's base
     encoder: Encoder | None = None  # None: the sentence encoder of the settings
     crossfit_fit: FoldFit | None = None  # None: LoRA training of each fold
+    # where the cross-fitted folds are cached by key (None: out_dir/crossfit)
+    crossfit_root: Path | None = None
     load_in_4bit: bool = False
 
 
