@@ -183,6 +183,28 @@ def test_side_by_side_seeds_keep_each_others_newest_runs(mods, tmp_path):
     assert c["runs"] == {}
 
 
+def test_side_by_side_seeds_with_keys_per_seed_and_size(mods, tmp_path):
+    """spa_rules.py keys its runs "<seed>/<size>" and lists no seeds in its
+    settings: the same merge, with the key's seed read by `seed_of`."""
+    sys.path.insert(0, str(QUALITY))
+    try:
+        seed_of = importlib.import_module("spa_rules").run_seed
+    finally:
+        sys.path.remove(str(QUALITY))
+    prev = tmp_path / "x.json"
+    a = {"settings": {"a": 1}, "runs": {"0/8": {"arms": {"sft": 1}}}}
+    b = {"settings": {"a": 1}, "runs": {"1/8": {"arms": {"sft": 2}}, "1/all": {}}}
+    prev.write_text(json.dumps(b))
+    a["runs"]["1/8"] = {"arms": {}}  # a stale copy of the other process's seed
+    mods.common.merge_other_seeds(a, prev, ("a",), [0], seed_of)
+    assert a["runs"] == {"0/8": {"arms": {"sft": 1}}, **b["runs"]}
+    assert "seeds" not in a["settings"]
+    # its own seed's runs are never taken from the file
+    prev.write_text(json.dumps({"settings": {"a": 1}, "runs": {"0/8": {"arms": {}}}}))
+    mods.common.merge_other_seeds(a, prev, ("a",), [0], seed_of)
+    assert a["runs"]["0/8"] == {"arms": {"sft": 1}}
+
+
 def test_noise_free_arms_are_reused_across_noise_rates_only(mods, tmp_path):
     settings = {k: f"v-{k}" for k in ("dataset", "n_train", "n_test", "epochs", "lora")}
     other = {

@@ -162,16 +162,22 @@ def sft_cfg(work: Path, name: str, data: Path, epochs: int, seed: int) -> dict:
 
 
 def denoise_train_cfg(
-    work: Path, name: str, data: Path, robustft: dict, epochs: int, seed: int
+    work: Path,
+    name: str,
+    data: Path,
+    robustft: dict,
+    epochs: int,
+    seed: int,
+    parent: Path | None = None,
 ) -> dict:
     """A RobustFT YAML: `axolotl prefalign denoise` with the `robustft` settings
-    (output under <work>/<name>/denoised), then `axolotl train` on its output."""
+    (output under `parent`, default <work>/<name>/denoised), then `axolotl train`
+    on its output."""
     cfg = base_cfg(work / name, seed)
+    parent = parent or work / name / "denoised"
     cfg.update(
         {
-            "prefalign": {
-                "robustft": {**robustft, "output_dir": str(work / name / "denoised")}
-            },
+            "prefalign": {"robustft": {**robustft, "output_dir": str(parent)}},
             "datasets": [
                 {
                     "path": str(data),
@@ -478,22 +484,28 @@ def resume(result: dict[str, Any], prev: Path, keys: Sequence[str]) -> bool:
 
 
 def merge_other_seeds(
-    result: dict[str, Any], prev: Path, keys: Sequence[str], own: Sequence[int]
+    result: dict[str, Any],
+    prev: Path,
+    keys: Sequence[str],
+    own: Sequence[int],
+    seed_of: Callable[[str], int] = int,
 ) -> None:
     """Before saving: take in the newest runs of the seeds this process does not run.
 
     Lets two processes run different seeds of one experiment side by side (each
     with `--seeds` of its own) without the last writer dropping the other's runs.
+    `seed_of` reads the seed from a run's key (keys are bare seeds by default).
     """
     if not prev.exists():
         return
     old = json.loads(prev.read_text())
     if _settings_differ(old, result, keys):
         return
-    for seed, run in old["runs"].items():
-        if int(seed) not in own:
-            result["runs"][seed] = run
-    _union_seeds(result)
+    for key, run in old["runs"].items():
+        if seed_of(key) not in own:
+            result["runs"][key] = run
+    if "seeds" in result["settings"]:
+        _union_seeds(result)
 
 
 def add_run_args(p: Any) -> None:

@@ -48,6 +48,7 @@ from robustft_mc_arms import (  # noqa: E402, F401
     DATA_CHOICES,
     DEFAULT_BEST,
     DENOISE_ARMS,
+    DENOISE_PARENT,
     LABELS,
     MAX_NOISE,
     MIN_OPTIONS,
@@ -101,7 +102,7 @@ def run_denoise_arm(
     secs = common.run_cmd([ax, "prefalign", "denoise", str(y)], log)
     # an interrupted run keeps the time of the denoise that did the work
     entry["denoise_s"] = record["arms"].get(arm, {}).get("denoise_s") or round(secs, 1)
-    folder = common.denoise_report_dir(work / arm / "denoised", block)
+    folder = common.denoise_report_dir(work / DENOISE_PARENT, block)
     entry["denoise_report"] = json.loads((folder / "report.json").read_text())
     entry["expert_answers"] = _expert_answers(folder)
     entry["expert_accuracy"] = expert_accuracy(entry["denoise_report"])
@@ -287,9 +288,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     """CLI entry."""
     args = parse_args()
-    name = f"robustft_mc_{args.data}_noise{int(round(args.noise * 100))}" + (
-        "_quick" if args.quick else ""
-    )
+    name = f"robustft_mc_{args.data}_noise{int(round(args.noise * 100))}"
+    if args.n_train != 200 and not args.quick:  # the earlier runs' size: no suffix
+        name += f"_train{args.n_train}"
+    name += "_quick" if args.quick else ""
     if args.render:
         common.render(args.out / f"{name}.json", table, plot)
         return

@@ -149,9 +149,17 @@ def arm_block(arm: str, block: dict[str, Any], seed: int) -> tuple[dict, list[st
     return {k: v for k, v in block.items() if k not in dropped}, dropped
 
 
+# One output parent for every denoise arm of a seed: each arm's folder is keyed by
+# its settings, and the arms with the same cross-fitting settings (RobustFT best,
+# cleanlab only) share the cross-fitted folds cached there.
+DENOISE_PARENT = "denoised"
+
+
 def denoise_cfg(work: Path, arm: str, data: Path, block: dict, args, seed) -> dict:
     """The YAML of a denoise arm: `axolotl prefalign denoise`, then train on it."""
-    return common.denoise_train_cfg(work, arm, data, block, args.epochs, seed)
+    return common.denoise_train_cfg(
+        work, arm, data, block, args.epochs, seed, parent=work / DENOISE_PARENT
+    )
 
 
 def missing_package(block: dict[str, Any]) -> str | None:
