@@ -104,6 +104,7 @@ def test_new_settings_default_to_the_paper():
     assert cfg.crossfit_folds == 3 and cfg.crossfit_epochs == 2
     assert cfg.crossfit_learning_rate == 2e-4 and cfg.crossfit_lora_r == 16
     assert cfg.crossfit_batch_size == 8
+    assert cfg.relabel is True
 
 
 def test_each_setting_value_picks_one_named_unit():
@@ -157,6 +158,7 @@ def test_cache_key_covers_every_new_setting():
         {"seed": 1},
         {"detection": "cleanlab", "expert_scoring": "loglik"},
         {"selection": "quota"},
+        {"relabel": False},
     ]
     keys = {
         P.cache_key(settings(**c), ds, base_model="m", on_bad_row="error")
@@ -307,6 +309,45 @@ def test_cleanlab_flags_what_find_label_issues_flags(tmp_path):
     assert flagged == [i for i, f in enumerate(ref) if f]
     assert {1, 4, 9} <= set(flagged)
     assert result.report["detection"] == "cleanlab"
+
+
+def test_relabel_false_drops_the_flagged_rows_and_keeps_the_rest_as_labelled(
+    tmp_path,
+):
+    from axolotl_prefalign.robustft.stages import NOT_RELABELLED
+
+    ds, labels, logliks = _sentiment_case()
+    kw = {"expert_scoring": "loglik", "detection": "cleanlab", "reasoning": False}
+    paper = run(tmp_path, ScoringModel({}, logliks), "paper", ds=ds, **kw)
+    model = ScoringModel({}, logliks)
+    result = run(tmp_path, model, "keep", ds=ds, relabel=False, **kw)
+    got = by_index(result)
+    # detection is the same; the flagged rows are dropped, not relabelled
+    flagged = [i for i in range(len(ds)) if got[i]["robustft_status"] != "clean"]
+    want = [i for i, r in by_index(paper).items() if r["robustft_status"] != "clean"]
+    assert flagged == want and {1, 4, 9} <= set(flagged)
+    for i in flagged:
+        assert got[i]["robustft_status"] == "dropped"
+        assert got[i]["robustft_drop_reason"] == NOT_RELABELLED
+        assert got[i]["robustft_new_answer"] is None
+    kept = [i for i in range(len(ds)) if i not in flagged]
+    assert [r["robustft_index"] for r in result.train] == kept
+    assert list(result.train["answer"]) == [labels[i] for i in kept]  # as labelled
+    # neither the relabel nor the review stage ran: no generation, no folders
+    assert model.calls == []
+    assert not (result.out_dir / "relabel").exists()
+    assert not (result.out_dir / "review").exists()
+    report = result.report
+    assert (report["relabel"], report["relabelled"], report["selected"]) == (
+        False,
+        0,
+        0,
+    )
+    assert report["dropped"] == len(flagged) and report["train_rows"] == len(kept)
+    right = sum(labels[i] == ds[i]["gold"] for i in kept)
+    assert report["gold"]["label_accuracy_out"] == pytest.approx(right / len(kept))
+    assert "relabel off" in P.format_report(report)
+    assert result.out_dir != paper.out_dir
 
 
 def test_cleanlab_needs_each_class_and_choice_rows():

@@ -866,10 +866,17 @@ def test_gold_report_has_each_experts_accuracy_and_warns_below_the_labels(
     assert warned == (best <= gold["label_accuracy_in"])
     weak = {**result.report, "gold": {**gold, "expert_accuracy": {"base/plain": 0.3}}}
     weak["gold"]["label_accuracy_in"] = 0.7
+    weak["gold"]["label_accuracy_out"] = 0.6
     assert premise_warning(weak) == (
         "no expert is right more often than the labels against 'gold': best "
-        "base/plain 30.0% vs labels 70.0%; detection and relabelling cannot beat "
-        "the input here (use a stronger expert)"
+        "base/plain 30.0% vs labels 70.0%; relabelling by these experts cannot "
+        "beat the input here (use a stronger expert)"
+    )
+    # detection alone can still leave a cleaner training set: the warning says so
+    kept = {**weak, "gold": {**weak["gold"], "label_accuracy_out": 0.857}}
+    assert premise_warning(kept) == premise_warning(weak) + (
+        "; the rows kept for training are still right more often than the input "
+        "(85.7% vs 70.0%)"
     )
     strong = {**weak, "gold": {**weak["gold"], "expert_accuracy": {"base/plain": 0.8}}}
     assert premise_warning(strong) is None

@@ -438,6 +438,14 @@ class RobustFTConfig(_Strict):
         "the same total split per label in proportion to the input labels "
         "(largest remainder, capped by what each label has), lowest H within each.",
     )
+    relabel: bool = Field(
+        True,
+        description="true (paper): relabel the rows detection flags from retrieved "
+        "clean examples, review them and keep the confident ones; false: drop every "
+        "flagged row and train on the rows detection confirms, as labelled (no "
+        "relabel or review stage). For when an expert detects noise well but the "
+        "base model cannot label the task.",
+    )
 
     @model_validator(mode="after")
     def _check_detection(self) -> RobustFTConfig:

@@ -36,6 +36,7 @@ KEY_DEFAULTS_OMITTED = (
     *FOLD_SETTINGS,
     "detection",
     "selection",
+    "relabel",
 )
 
 

@@ -10,6 +10,7 @@ output folder:
     relabel/                  shards + manifest: context-enhanced replies and their H;
                               neighbours.json: the retrieved clean examples
     review/                   shards + manifest: the review replies (review: model)
+                              (relabel: false: neither; the flagged rows are dropped)
     denoised.jsonl            the training set D_clean ∪ D_select, with provenance
     all.jsonl                 every input row, dropped and skipped ones included
     report.json               counts (and precision/recall against a gold column)
@@ -57,6 +58,7 @@ from .resolve import (
 from .stages import (
     RunContext,
     detect_stage,
+    drop_stage,
     predict_stage,
     relabel_stage,
     review_stage,
@@ -142,7 +144,10 @@ def denoise_dataset(
         predictions = predict_stage(rows, experts, ctx)
         predictions |= options.training.train(ctx, rows)  # its expert votes too
         clean, noisy = detect_stage(rows, predictions, ctx)
-        reviewed = review_stage(relabel_stage(noisy, clean, ctx), ctx)
+        if settings.relabel:
+            reviewed = review_stage(relabel_stage(noisy, clean, ctx), ctx)
+        else:
+            reviewed = drop_stage(noisy)
     finally:
         ctx.models.release()
     selected, selection_notes = select_stage(reviewed, rows, ctx)

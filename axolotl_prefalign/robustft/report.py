@@ -90,6 +90,7 @@ def build_report(
         "expert_training": settings.expert_training,
         "detection": settings.detection,
         "selection": settings.selection,
+        "relabel": settings.relabel,
         "label_distribution": label_distribution(rows),
         "settings": settings.model_dump(mode="json"),
         "files": {"train": TRAIN_FILE, "all": ALL_FILE},
@@ -163,11 +164,20 @@ def premise_warning(report: Mapping[str, Any]) -> str | None:
     best, acc = max(experts.items(), key=lambda kv: kv[1])
     if acc > labels:
         return None
-    return (
+    text = (
         f"no expert is right more often than the labels against {gold['field']!r}: "
-        f"best {best} {100 * acc:.1f}% vs labels {100 * labels:.1f}%; detection "
-        "and relabelling cannot beat the input here (use a stronger expert)"
+        f"best {best} {100 * acc:.1f}% vs labels {100 * labels:.1f}%; relabelling "
+        "by these experts cannot beat the input here (use a stronger expert)"
     )
+    # Detection alone can still help: cleanlab drops only the rows an expert
+    # contradicts confidently, so the kept rows can beat the input anyway.
+    out = gold.get("label_accuracy_out")
+    if out is not None and out > labels:
+        text += (
+            f"; the rows kept for training are still right more often than the "
+            f"input ({100 * out:.1f}% vs {100 * labels:.1f}%)"
+        )
+    return text
 
 
 # --------------------------------------------------------------- rendering
@@ -194,7 +204,11 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(
             f"  scoring {report['expert_scoring']}, training "
             f"{report['expert_training']}, detection {report['detection']}, "
-            f"selection {report['selection']}"
+            + (
+                "relabel off (flagged rows dropped)"
+                if report.get("relabel") is False
+                else f"selection {report['selection']}"
+            )
         )
     if report.get("loglik_fallback_rows"):
         lines.append(f"  generated (no options) {report['loglik_fallback_rows']:>5}")

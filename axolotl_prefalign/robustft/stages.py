@@ -106,6 +106,21 @@ def relabel_stage(noisy: Dataset, clean: Dataset, ctx: RunContext) -> Dataset:
     return Dataset.from_list([{**r, **by_idx[r["idx"]]} for r in noisy])
 
 
+# drop_reason of a flagged row under relabel: false
+NOT_RELABELLED = "flagged noisy; relabel: false drops it"
+
+
+def drop_stage(noisy: Dataset) -> Dataset:
+    """relabel: false: every flagged row dropped as it is, with no pseudo-label
+    (in place of the relabel and review stages)."""
+    if len(noisy) == 0:
+        return noisy
+    n = len(noisy)
+    return noisy.add_column("new_label", [None] * n).add_column(
+        "drop_reason", [NOT_RELABELLED] * n
+    )
+
+
 def review_stage(relabelled: Dataset, ctx: RunContext) -> Dataset:
     """Each noisy row's pseudo-label `new_label` (None: dropped), by `review`."""
     if len(relabelled) == 0:
