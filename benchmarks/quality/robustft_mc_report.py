@@ -219,7 +219,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), names, fontsize=8)
     s = result["settings"]
     ax.set_ylim(0, 1)
-    ax.axhline(0.25, color="#ccc", lw=0.8, ls="--")  # chance with 4 options
+    # chance: one of the options at random (2 for SST-2, 4 or more otherwise)
+    ax.axhline(1 / min_options(s["data"]), color="#ccc", lw=0.8, ls="--")
     ax.set_ylabel("test accuracy")
     ax.set_title(
         f"{s['dataset_name']}, SmolLM2-135M, {s['noise']:.0%} label noise, "
