@@ -167,10 +167,11 @@ def contrast_cfg(
     return cfg
 
 
-def listed_prompt(question: str, options: list[str]) -> str:
-    """The question with its lettered options, as spa_listed's prompts ask it."""
+def listed_prompt(question: str, options: list[str], ask: str = "Answer:") -> str:
+    """The question with its lettered options, then `ask` (spa_listed's prompts
+    end with "Answer:")."""
     lines = [f"{'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[k]}. {o}" for k, o in enumerate(options)]
-    return "\n".join([question, *lines, "Answer:"])
+    return "\n".join([question, *lines, ask])
 
 
 def pair_row(p: dict) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+from preferences_arms import listed_prompt
 
 # Each candidate: how a question becomes the prompt, and the rule gold checks.
 CANDIDATES = {
@@ -23,9 +24,7 @@ def prompt_text(candidate: str, row: dict[str, Any]) -> str:
     """The user turn of one ARC-Easy question for `candidate`."""
     if candidate == "max_words":
         return row["question"]
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    lines = [f"{letters[k]}. {o}" for k, o in enumerate(row["options"])]
-    return "\n".join([row["question"], *lines, ANSWER_LINE_ASK])
+    return listed_prompt(row["question"], row["options"], ANSWER_LINE_ASK)
 
 
 def split_rows(n_test: int, n_pool: int) -> tuple[list[dict], list[dict]]:
