@@ -126,9 +126,9 @@ def main() -> None:
                 result["runs"].append(run_one(args.work, args.data, size, args, seed))
                 print(f"n={size} seed={seed}: {time.time() - t0:.0f} s", flush=True)
                 result["command"] = " ".join(sys.argv)
-                args.out.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(result, indent=1) + "\n")
-                path.with_suffix(".md").write_text(table(result) + "\n")
+                common.write_outputs(  # no plot: the table is the result
+                    result, args.out, path.stem, table(result) + "\n", lambda p: None
+                )
     print(table(result))
 
 
