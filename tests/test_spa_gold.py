@@ -592,6 +592,23 @@ def test_a_bad_gold_row_is_an_error_or_an_unknown_never_a_dropped_prompt(
     assert "1 prompt(s) without a usable gold answer" in caplog.text
 
 
+def test_a_bad_rule_in_a_prompt_file_names_file_line_and_field(tmp_path, caplog):
+    rows = [{"q": f"Question {k}?", "rule": " max_words :  12 "} for k in range(3)]
+    rows[1]["rule"] = "shorter please"
+    path = _jsonl(tmp_path / "p.jsonl", rows)
+    source = SpaPromptSource(path=str(path), field="q", gold_field="rule")
+    with pytest.raises(
+        BadRowError, match=r"p.jsonl, line 2, field 'rule': 'shorter please' is not"
+    ):
+        load_prompts(source, gold_checker="rule")
+    with caplog.at_level(logging.WARNING, logger="axolotl_prefalign"):
+        data = load_prompts(source, "skip", gold_checker="rule")
+    # every prompt kept; the bad rule counted as unknown, the others canonical
+    assert data["index"] == [0, 1, 2]
+    assert data["gold"] == ["max_words: 12", None, "max_words: 12"]
+    assert "1 prompt(s) without a usable gold answer" in caplog.text
+
+
 def test_gold_settings_validate_with_clear_messages():
     message = "gold_options_field needs gold_field"
     with pytest.raises(PrefAlignConfigError, match=message):
